@@ -1,0 +1,1 @@
+"""One module per `layergen` subcommand; see layergen/cli.py."""

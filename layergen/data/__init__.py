@@ -1,0 +1,1 @@
+"""Procedural data: layered 2D scenes, layered 3D mannequins, articulated action figures."""
