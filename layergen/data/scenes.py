@@ -47,6 +47,10 @@ COLOURS = {
 MATERIALS = ("solid", "glass")
 EFFECTS = ("none", "shadow", "glow")
 BACKGROUNDS = ("gradient", "noise", "stripes", "horizon")
+# Shape x colour pairs that training sets never contain, so benchmarks can test unseen combinations.
+HELDOUT_COMBINATIONS = frozenset({("star", "green"), ("heart", "blue"), ("ring", "yellow"), ("cross", "pink"),
+                                  ("crescent", "red"), ("triangle", "purple"), ("square", "orange"),
+                                  ("circle", "teal")})
 
 _EFFECT_PHRASES = {"shadow": ("with a drop shadow", "with a soft shadow"), "glow": ("with a soft glow", "glowing")}
 
@@ -296,11 +300,14 @@ def _check_size(size: int) -> int:
     return size
 
 
-def _sample_attrs(rng, shape, colour, material, effect, glyph_prob):
+def _sample_attrs(rng, shape, colour, material, effect, glyph_prob, exclude_heldout=False):
     if shape is None:
         shape = GLYPHS[int(rng.integers(len(GLYPHS)))] if rng.random() < glyph_prob else \
             SHAPES[int(rng.integers(len(SHAPES)))]
-    colour = colour or _pick_colour(rng)
+    if colour is None:
+        colour = _pick_colour(rng)
+        while exclude_heldout and (shape, colour) in HELDOUT_COMBINATIONS:
+            colour = _pick_colour(rng)
     material = material or ("glass" if rng.random() < 0.3 else "solid")
     if effect is None:
         u = rng.random()
@@ -310,11 +317,14 @@ def _sample_attrs(rng, shape, colour, material, effect, glyph_prob):
 
 def make_object_layer(seed: int, size: int = 128, shape: str | None = None, colour: str | None = None,
                       material: str | None = None, effect: str | None = None, glyph_prob: float = 0.1,
-                      centred: bool = True) -> SceneObject:
-    """One object on a transparent canvas, roughly centred: the text -> layer training sample."""
+                      centred: bool = True, exclude_heldout: bool = False) -> SceneObject:
+    """One object on a transparent canvas, roughly centred: the text -> layer training sample.
+
+    `exclude_heldout` never samples a pair in `HELDOUT_COMBINATIONS` (training sets use it)."""
     size = _check_size(size)
     rng = np.random.default_rng([seed, 1])
-    shape, colour, material, effect = _sample_attrs(rng, shape, colour, material, effect, glyph_prob)
+    shape, colour, material, effect = _sample_attrs(rng, shape, colour, material, effect, glyph_prob,
+                                                    exclude_heldout)
     r = size * rng.uniform(0.24, 0.36)
     jitter = 0.08 if centred else 0.3
     cx = size * (0.5 + rng.uniform(-jitter, jitter))

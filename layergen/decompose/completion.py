@@ -37,13 +37,19 @@ class BackgroundCompleter:
 
     name = "completer"
 
-    def __call__(self, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, hole: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
+        """Fill `hole`; pixels in `ignore` (other objects still in the image) are kept but not learnt from."""
         image, hole = _check(image, hole)
         if not hole.any():
             return image.copy()
         if hole.all():
             raise LayergenError("the hole covers the whole image; nothing is left to complete the background from")
-        filled = np.clip(np.asarray(self.fill(image, hole), np.float32), 0.0, 1.0)
+        work = hole
+        if ignore is not None:
+            work = hole | np.asarray(ignore).astype(bool)
+            if work.mean() > 0.97:  # too little left to learn from: ignore the ignore mask
+                work = hole
+        filled = np.clip(np.asarray(self.fill(image, work), np.float32), 0.0, 1.0)
         out = image.copy()
         out[hole] = filled[hole]
         return out
@@ -159,8 +165,8 @@ def _structure_direction(gray: np.ndarray, known: np.ndarray) -> tuple[float, fl
 def fit_profile(image: np.ndarray, known: np.ndarray, angle: float, bin_width: float = 0.5):
     """Background as a function of one coordinate `u = x cos(angle) + y sin(angle)`.
 
-    Returns the model image (H x W x 3) and its trimmed mean absolute error
-    on the known pixels. Per-bin medians make it robust to objects left in `known`.
+    Returns the model image (H x W x 3) and its median absolute error on the
+    known pixels (median: objects left in `known` must not decide). Per-bin medians make it robust to objects left in `known`.
     """
     h, w = known.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -178,8 +184,8 @@ def fit_profile(image: np.ndarray, known: np.ndarray, angle: float, bin_width: f
         med = kval[order, c][starts[have] + counts[have] // 2]
         prof[:, c] = np.interp(centres, centres[have], med)
     model = prof[idx]
-    err = np.sort(np.abs(model[known] - kval).max(-1))
-    err = float(err[: max(1, int(0.9 * len(err)))].mean()) if len(err) else np.inf
+    err = np.abs(model[known] - kval).max(-1)
+    err = float(np.median(err) + 0.25 * err.mean()) if len(err) else np.inf
     return model, err
 
 

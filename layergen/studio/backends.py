@@ -201,7 +201,8 @@ def parse_prompt(prompt: str) -> dict:
 
     text = prompt.lower()
     words = re.findall(r"[a-z0-9]+", text)
-    out = {"shape": None, "colour": None, "material": None, "effect": None, "background": None}
+    # What the prompt does not ask for is plain: solid, no effect (shape and colour are left to the seed).
+    out = {"shape": None, "colour": None, "material": "solid", "effect": "none", "background": None}
     shapes = tuple(scenes.SHAPES) + tuple(getattr(scenes, "EXTRA_SHAPES", ()))
     for w in words:
         w1 = w[:-1] if w.endswith("s") and w[:-1] in shapes else w
@@ -256,8 +257,7 @@ class ProceduralBackend(LayerBackend):
         prompt = str(prompt or "").strip()
         seed = int(seed)
         attrs = parse_prompt(prompt)
-        size = int(min(max(width, height), 1024))
-        size = max(size, 32)
+        size = int(min(max(width, height, 32), 1024))
         behind = condition is not None and condition.kind == "foreground"
         if behind or (attrs["background"] is not None and attrs["shape"] is None):
             rng = np.random.default_rng([seed, 7])
@@ -270,25 +270,18 @@ class ProceduralBackend(LayerBackend):
         colour = attrs["colour"]
         if colour is None and condition is not None:
             colour = _contrasting_colour(condition.image)
-        obj = scenes.make_object_layer(seed, size=size, shape=attrs["shape"], colour=colour,
+        # Objects are drawn supersampled: render near the size they will be shown at, not at canvas size.
+        obj = scenes.make_object_layer(seed, size=int(np.clip(min(width, height) * 0.8, 128, 512)), shape=attrs["shape"], colour=colour,
                                        material=attrs["material"], effect=attrs["effect"])
         layer = Layer(obj.rgba, name=f"{obj.colour} {obj.shape}",
                       metadata={"kind": "instance", "prompt": prompt, "seed": seed, "caption": obj.caption,
                                 "backend": self.name, "condition": condition.kind if condition else None})
-        # Crop to content and place it on the canvas with a seeded offset, kept inside the canvas.
-        x0, y0, x1, y1 = layer.content_bbox()
+        # Like a generator's output the object is about half the canvas; place it at a seeded spot inside.
         rng = np.random.default_rng([seed, 11])
-        w, h = x1 - x0, y1 - y0
-        if w > width or h > height:
-            s = min(width / w, height / h)
-            layer = fit_into_box(layer, Box(0, 0, max(1, int(w * s)), max(1, int(h * s))))
-            layer.x = (width - layer.width) // 2
-            layer.y = (height - layer.height) // 2
-            return layer
-        cx = (width - w) / 2 + rng.uniform(-0.25, 0.25) * (width - w)
-        cy = (height - h) / 2 + rng.uniform(-0.25, 0.25) * (height - h)
-        return Layer(np.ascontiguousarray(obj.rgba[y0:y1, x0:x1]), name=layer.name, x=int(round(cx)),
-                     y=int(round(cy)), metadata=layer.metadata)
+        side = max(8, int(min(width, height) * rng.uniform(0.4, 0.55)))
+        x0 = int(rng.uniform(0.05, 0.95) * (width - side))
+        y0 = int(rng.uniform(0.05, 0.95) * (height - side))
+        return fit_into_box(layer, Box(x0, y0, x0 + side, y0 + side))
 
     def decompose(self, image, boxes=None) -> LayerStack:
         return classical_decompose(image, boxes)
@@ -434,16 +427,20 @@ def _call_with_supported(fn, **kwargs):
 class PipelineBackend(LayerBackend):
     """Adapter from diffusers-style pipelines to the studio interface.
 
-    `generator`: a text -> RGBA layer pipeline (e.g. TransparentLayerPipeline);
-    `decomposer`: an image (+ boxes) -> layers pipeline (DecompositionPipeline).
-    Either may be None; the missing capability falls back to `fallback`.
-    Optional pipeline inputs (condition images, boxes) are passed only when the
-    pipeline's `__call__` accepts them.
+    `generator`: a text -> RGBA layer pipeline (TransparentLayerPipeline).
+    `conditioned`: optional pipelines per condition kind, e.g.
+    `{"background": <foreground-on-background pipe>, "foreground": <background-behind-foreground pipe>}`;
+    a kind without one goes to `generator` (which may accept the condition image itself).
+    `decomposer`: DecompositionPipeline (classical without weights, learned with them).
+    A missing capability falls back to `fallback` (procedural). Optional inputs
+    (condition images) are passed only when the pipeline's `__call__` accepts them.
     """
 
-    def __init__(self, generator=None, decomposer=None, fallback: LayerBackend | None = None,
-                 num_inference_steps: int | None = None, description: str = "pipelines"):
+    def __init__(self, generator=None, decomposer=None, conditioned: dict | None = None,
+                 fallback: LayerBackend | None = None, num_inference_steps: int | None = None,
+                 description: str = "pipelines"):
         self.generator = generator
+        self.conditioned = dict(conditioned or {})
         self.decomposer = decomposer
         self.fallback = fallback or ProceduralBackend()
         self.num_inference_steps = num_inference_steps
@@ -451,7 +448,8 @@ class PipelineBackend(LayerBackend):
         self.description = description
 
     def generate_layer(self, prompt, seed, width, height, condition=None) -> Layer:
-        if self.generator is None:
+        pipe = self.conditioned.get(condition.kind, self.generator) if condition is not None else self.generator
+        if pipe is None:
             return self.fallback.generate_layer(prompt, seed, width, height, condition)
         import torch
 
@@ -459,8 +457,9 @@ class PipelineBackend(LayerBackend):
                       generator=torch.Generator("cpu").manual_seed(int(seed)),
                       num_inference_steps=self.num_inference_steps)
         if condition is not None:
+            # `background_image=` for "a foreground on this background", `foreground_image=` for the reverse.
             kwargs[f"{condition.kind}_image"] = condition.image
-        layers = _to_layers(_call_with_supported(self.generator, **kwargs))
+        layers = _to_layers(_call_with_supported(pipe, **kwargs))
         layer = layers[-1]
         layer.metadata.update({"prompt": prompt, "seed": int(seed), "backend": self.description,
                                "condition": condition.kind if condition else None})
@@ -473,58 +472,68 @@ class PipelineBackend(LayerBackend):
     def decompose(self, image, boxes=None) -> LayerStack:
         if self.decomposer is None:
             return self.fallback.decompose(image, boxes)
-        from PIL import Image
-
         rgba = as_rgba_array(image)
-        out = _call_with_supported(self.decomposer, image=Image.fromarray(rgba, "RGBA").convert("RGB"),
-                                   boxes=[b.as_tuple() for b in boxes] if boxes else None)
-        stack = getattr(out, "stacks", None)
-        if stack is not None:
-            return stack[0]
+        xywh = [(b.x0, b.y0, b.width, b.height) for b in check_boxes(boxes, rgba.shape[1], rgba.shape[0])] \
+            if boxes else None
+        out = self.decomposer(rgba, boxes=xywh)
+        stack = getattr(out, "stack", None)
+        if isinstance(stack, LayerStack):
+            return stack
         if isinstance(out, LayerStack):
             return out
         return LayerStack(rgba.shape[1], rgba.shape[0], _to_layers(out))
 
 
+# Where the bundled learned decomposer would live (the classical DecompositionPipeline needs no weights).
+MINI_DECOMPOSER = "layergen-mini-decomposer"
+
+
+def _load_generator(model: str | None):
+    from .. import mini
+    from ..pipelines import TransparentLayerPipeline
+
+    path = mini.check_model_dir(model) if model else mini.mini_path()
+    return TransparentLayerPipeline.from_pretrained(path)
+
+
+def _load_decomposer(model: str | None):
+    from .. import mini
+    from ..pipelines.pipeline_decomposition import DecompositionPipeline
+
+    if model:
+        return DecompositionPipeline.from_pretrained(mini.check_model_dir(model)), str(model)
+    folder = mini.ASSETS / MINI_DECOMPOSER
+    if folder.is_dir():
+        return DecompositionPipeline.from_pretrained(folder), "mini"
+    return DecompositionPipeline(), "classical"
+
+
 def default_backends(model: str | None = None, decompose_model: str | None = None) -> LayerBackend:
-    """The mini pipelines (or the checkpoints given), else the procedural backend with a clear message.
+    """The mini pipelines (or the checkpoints given), else the procedural backend, saying so.
 
     A checkpoint the user named explicitly must load: its error is raised.
-    Only the implicit default (bundled mini models) falls back silently-but-
-    loudly (a logged warning and the description shown in the studio header).
+    Only the implicit default falls back, with a logged warning and a
+    description that the studio shows in its header.
     """
     notes = []
     generator = decomposer = None
+    decomposer_name = "classical"
     try:
-        from ..pipelines import TransparentLayerPipeline
-
-        generator = TransparentLayerPipeline.from_pretrained(model) if model else _load_mini(TransparentLayerPipeline,
-                                                                                             "transparent")
+        generator = _load_generator(model)
     except Exception as exc:  # noqa: BLE001 - any failure of the optional default falls back
         if model:
             raise LayergenError(f"cannot load the layer model from {model}: {exc}") from exc
         notes.append(f"layer generation: {exc.__class__.__name__}: {exc}")
     try:
-        from ..pipelines.pipeline_decomposition import DecompositionPipeline
-
-        decomposer = DecompositionPipeline.from_pretrained(decompose_model) if decompose_model else _load_mini(
-            DecompositionPipeline, "decomposition")
+        decomposer, decomposer_name = _load_decomposer(decompose_model)
     except Exception as exc:  # noqa: BLE001
         if decompose_model:
             raise LayergenError(f"cannot load the decomposition model from {decompose_model}: {exc}") from exc
         notes.append(f"decomposition: {exc.__class__.__name__}: {exc}")
-    if generator is None and decomposer is None:
-        logger.warning("studio: using the procedural demo backend (%s)", "; ".join(notes))
-        return ProceduralBackend()
-    parts = [f"layers: {model or 'mini'}" if generator is not None else "layers: procedural",
-             f"decomposition: {decompose_model or 'mini'}" if decomposer is not None else "decomposition: classical"]
     if notes:
-        logger.warning("studio: partly procedural (%s)", "; ".join(notes))
+        logger.warning("studio: falling back to the procedural demo backend for %s", "; ".join(notes))
+    if generator is None and decomposer is None:
+        return ProceduralBackend()
+    parts = [f"layers: {model or 'layergen-mini'}" if generator is not None else "layers: procedural demo",
+             f"decomposition: {decomposer_name}" if decomposer is not None else "decomposition: grabcut demo"]
     return PipelineBackend(generator, decomposer, description=", ".join(parts))
-
-
-def _load_mini(pipeline_cls, name: str):
-    """Load a bundled mini checkpoint via `layergen.mini` (raises if it is not there)."""
-    from .. import mini  # noqa: F401 - provided with the bundled checkpoints
-
-    return mini.load(pipeline_cls, name)

@@ -87,6 +87,7 @@ class Document:
         self.max_history = int(max_history)
         self._undo: list[_Snapshot] = []
         self._redo: list[_Snapshot] = []
+        self._depth = 0
         self.last_action = "New document"
 
     # -- history ----------------------------------------------------------------
@@ -100,7 +101,7 @@ class Document:
         self.selected = snap.selected
 
     def _changed_since(self, snap: _Snapshot) -> bool:
-        return ((snap.width, snap.height, snap.selected) != (self.stack.width, self.stack.height, self.selected)
+        return ((snap.width, snap.height) != (self.stack.width, self.stack.height)
                 or snap.metadata != self.stack.metadata or len(snap.layers) != len(self.stack)
                 or not all(_same_layer(a, b) for a, b in zip(snap.layers, self.stack)))
 
@@ -116,7 +117,15 @@ class Document:
         If the block raises, the document is restored exactly as it was; if it
         changes nothing, no step is recorded (so no-op clicks don't fill undo).
         """
+        if self._depth:  # nested: the outermost edit records (and rolls back) the whole group
+            self._depth += 1
+            try:
+                yield self.stack
+            finally:
+                self._depth -= 1
+            return
         before = self._snapshot(label)
+        self._depth = 1
         try:
             yield self.stack
             if len(self.stack) > MAX_LAYERS:
@@ -124,6 +133,8 @@ class Document:
         except BaseException:
             self._restore(before)
             raise
+        finally:
+            self._depth = 0
         self._freeze()
         if self.selected is not None and not 0 <= self.selected < len(self.stack):
             self.selected = len(self.stack) - 1 if len(self.stack) else None

@@ -89,3 +89,12 @@ def test_bad_arguments_raise():
         make_object_layer(0, 64, shape="dodecahedron")
     with pytest.raises(ValueError):
         make_object_layer(0, 64, colour="mauve")
+
+
+def test_training_samples_can_exclude_heldout_combinations():
+    from layergen.data.scenes import HELDOUT_COMBINATIONS
+
+    pairs = {(o.shape, o.colour) for o in (make_object_layer(s, 64, exclude_heldout=True) for s in range(600))}
+    assert not pairs & HELDOUT_COMBINATIONS
+    every = {(o.shape, o.colour) for o in (make_object_layer(s, 64) for s in range(600))}
+    assert every & HELDOUT_COMBINATIONS, "without the flag, held-out pairs do occur"

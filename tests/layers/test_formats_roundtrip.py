@@ -67,6 +67,8 @@ def test_ora_follows_the_spec(tmp_path):
     big = LayerStack(600, 300, [Layer(np.full((300, 600, 4), 255, np.uint8))])
     for s, name in ((stack, "a.ora"), (big, "big.ora")):
         save(s, tmp_path / name)
+    raw = (tmp_path / "a.ora").read_bytes()
+    assert raw[30:38] == b"mimetype" and raw[38:54] == b"image/openraster"  # the magic `file` and GIMP sniff
     with zipfile.ZipFile(tmp_path / "a.ora") as zf:
         first = zf.infolist()[0]
         assert first.filename == "mimetype" and first.compress_type == zipfile.ZIP_STORED and first.extra == b""

@@ -26,8 +26,6 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 def decode_png(data: bytes, where: str) -> np.ndarray:
     """PNG bytes -> uint8 RGBA; rejects 16-bit PNGs instead of letting Pillow silently drop the low byte."""
-    from PIL import Image
-
     if not data.startswith(PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
         raise FormatError(f"{where}: not a PNG image (corrupt or wrong file type)")
     bit_depth = data[24]

@@ -12,7 +12,6 @@ Manifest (`stack.json`), layers listed bottom -> top::
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 

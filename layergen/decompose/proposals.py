@@ -1,0 +1,608 @@
+"""Instance proposals: where are the objects to peel off?
+
+A proposer is a callable `proposer(image) -> list[InstanceProposal]` (image:
+float32 `H x W x 3` in [0, 1]). Each proposal carries the object's *body*
+mask (what matting refines) and its *region*: body plus the shadow/glow that
+belongs to it, i.e. everything the background completion has to replace.
+
+* `AutomaticProposer` — no guidance. Flat designs (a background explained by a
+  smooth or 1-D model): pixels the background model cannot explain, split into
+  connected components and then by colour. Photos (no such model): GrabCut
+  started from a central rectangle — the salient subject.
+* `BoxProposer`, `MaskProposer`, `PointProposer` — user guidance.
+
+Boxes are `(x, y, w, h)` in pixels everywhere in the public API (as on the CLI).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import LayergenError
+from .completion import BackgroundCompleter, StructureFill
+
+
+@dataclass
+class InstanceProposal:
+    """One instance to peel: `mask` = body (bool H x W), `region` = body + its effects (bool H x W)."""
+
+    mask: np.ndarray
+    region: np.ndarray
+    score: float = 1.0
+    source: str = "automatic"
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(x, y, w, h) of the body."""
+        ys, xs = np.nonzero(self.mask)
+        if len(xs) == 0:
+            return 0, 0, 0, 0
+        return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _disk(radius: int):
+    import cv2
+
+    radius = max(0, int(radius))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    import cv2
+
+    if radius <= 0:
+        return mask.astype(bool)
+    return cv2.dilate(mask.astype(np.uint8), _disk(radius)) > 0
+
+
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    import cv2
+
+    if radius <= 0:
+        return mask.astype(bool)
+    return cv2.erode(mask.astype(np.uint8), _disk(radius)) > 0
+
+
+def residual(image: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Per-pixel max-channel |I - B|, lightly smoothed so single noisy pixels do not count."""
+    import cv2
+
+    r = np.abs(image - background).max(-1).astype(np.float32)
+    return cv2.blur(r, (3, 3))
+
+
+@dataclass
+class BackgroundModel:
+    """What a robust fit says about an image: the background, which pixels it explains, its noise."""
+
+    background: np.ndarray
+    foreground: np.ndarray  # bool: pixels the background does not explain
+    noise: float  # robust std of the residual on explained pixels
+    flat: bool  # True when the model explains the image's border (a design), False for photos
+
+
+def initial_foreground(image: np.ndarray, threshold: float) -> np.ndarray:
+    """A first guess of what is not background, before any background fit.
+
+    1-D backgrounds (gradients, stripes, horizons): a robust per-iso-line
+    median profile of the whole image. Otherwise: closed strong edges — design
+    objects have crisp outlines, smooth backgrounds do not — filled in.
+    """
+    import cv2
+    from scipy import ndimage
+
+    from .completion import _structure_direction, fit_profile
+
+    h, w = image.shape[:2]
+    gray = cv2.GaussianBlur(image.mean(-1), (0, 0), 1.0)
+    angle, coherence = _structure_direction(gray, np.ones((h, w), bool))
+    if coherence >= 0.5:
+        model, _ = fit_profile(image, np.ones((h, w), bool), angle)
+        fg = residual(image, model) > threshold
+        if fg.mean() < 0.6:
+            return dilate(fg, 1)
+    blur = cv2.GaussianBlur(image, (0, 0), 1.0)
+    gx = np.abs(cv2.Sobel(blur, cv2.CV_32F, 1, 0, ksize=3)).max(-1)
+    gy = np.abs(cv2.Sobel(blur, cv2.CV_32F, 0, 1, ksize=3)).max(-1)
+    edges = np.hypot(gx, gy) > 4 * threshold
+    edges = dilate(edges, 1)
+    filled = ndimage.binary_fill_holes(edges)
+    return filled
+
+
+def fit_background(image: np.ndarray, completer: BackgroundCompleter | None = None, threshold: float = 0.08,
+                   iterations: int = 4, min_border_fit: float = 0.85, init: np.ndarray | None = None,
+                   ) -> BackgroundModel:
+    """Iteratively fit a background that ignores objects: fill the outliers, re-detect, repeat.
+
+    Why iterate: the first fit is pulled towards the objects; each round
+    removes what it cannot explain and refits from the rest. `init` is a
+    first foreground guess (e.g. the user's boxes); by default
+    `initial_foreground`.
+    """
+    completer = completer or StructureFill()
+    h, w = image.shape[:2]
+    fg = initial_foreground(image, threshold) if init is None else init.astype(bool)
+    for it in range(iterations):
+        if fg.all() or not fg.any():
+            break
+        bg = completer(image, fg)
+        new_fg = dilate(residual(image, bg) > threshold, 1)
+        if init is not None and it == 0:
+            new_fg &= fg  # the user said where the objects are
+        if np.array_equal(new_fg, fg):
+            break
+        fg = new_fg
+    bg = completer(image, fg) if fg.any() and not fg.all() else image.copy()
+    res = np.abs(image - bg).max(-1)
+    noise = float(1.4826 * np.median(res[~fg])) if (~fg).any() else 1.0
+    border = np.zeros((h, w), bool)
+    b = max(1, min(h, w) // 25)
+    border[:b], border[-b:], border[:, :b], border[:, -b:] = True, True, True, True
+    flat = bool((~fg[border]).mean() >= min_border_fit and (~fg).mean() >= 0.3)
+    return BackgroundModel(bg, fg, noise, flat)
+
+
+def _split_by_colour(image: np.ndarray, component: np.ndarray, body: np.ndarray, min_area: int) -> list[np.ndarray]:
+    """Split one connected foreground blob into bodies of distinct flat colours (overlapping objects)."""
+    from scipy import ndimage
+
+    from .matting import dominant_colours
+
+    pixels = image[body]
+    colours = dominant_colours(pixels, max_colours=4, radius=0.1, min_share=0.08)
+    if len(colours) <= 1:
+        return [body]
+    d = np.abs(image[..., None, :] - colours[None, None]).max(-1)  # H x W x K
+    label = d.argmin(-1)
+    parts = []
+    for k in range(len(colours)):
+        sel = body & (label == k) & (d[..., k] < 0.15)
+        lab, n = ndimage.label(sel)
+        if n == 0:
+            continue
+        sizes = ndimage.sum(sel, lab, index=np.arange(1, n + 1))
+        for i in np.nonzero(sizes >= min_area)[0]:
+            parts.append(lab == i + 1)
+    if len(parts) <= 1:
+        return [body]
+    # give every remaining body pixel to the nearest part
+    dist = np.stack([ndimage.distance_transform_edt(~p) for p in parts], -1)
+    owner = dist.argmin(-1)
+    return [body & (owner == i) for i in range(len(parts))]
+
+
+def _assign_regions(bodies: list[np.ndarray], component: np.ndarray) -> list[np.ndarray]:
+    """Give every pixel of a blob (effects included) to the nearest body."""
+    from scipy import ndimage
+
+    if len(bodies) == 1:
+        return [component | bodies[0]]
+    dist = np.stack([ndimage.distance_transform_edt(~b) for b in bodies], -1)
+    owner = dist.argmin(-1)
+    return [(component & (owner == i)) | b for i, b in enumerate(bodies)]
+
+
+def shadow_like(image: np.ndarray, background: np.ndarray, tol: float = 0.04) -> np.ndarray:
+    """Pixels explained as a darkened background (I = s B, s < 0.97): shadows, not bodies."""
+    num = (image * background).sum(-1)
+    den = np.maximum((background * background).sum(-1), 1e-6)
+    s = num / den
+    return (s < 0.97) & (np.abs(image - s[..., None] * background).max(-1) < tol)
+
+
+def flat_proposals(image: np.ndarray, model: BackgroundModel, min_area_fraction: float = 0.002,
+                   body_threshold: float = 0.15) -> list[InstanceProposal]:
+    """Connected blobs the background model cannot explain, split into single-colour bodies."""
+    from scipy import ndimage
+
+    h, w = image.shape[:2]
+    min_area = max(4, int(min_area_fraction * h * w))
+    res = residual(image, model.background)
+    strong = (res > body_threshold) & ~shadow_like(image, model.background)
+    lab, n = ndimage.label(model.foreground)
+    proposals = []
+    for i in range(1, n + 1):
+        comp = lab == i
+        body = comp & strong
+        if body.sum() < min_area:
+            if comp.sum() >= 4 * min_area:  # a pale object: the blob itself is the body
+                body = comp & (res > 0.5 * body_threshold)
+            if body.sum() < min_area:
+                continue
+        bodies = _split_by_colour(image, comp, body, min_area)
+        for b, region in zip(bodies, _assign_regions(bodies, comp)):
+            proposals.append(InstanceProposal(b, region, score=float(res[b].mean()), source="automatic"))
+    return proposals
+
+
+def grabcut(image: np.ndarray, rect=None, init_mask: np.ndarray | None = None, iterations: int = 5,
+            max_side: int = 320) -> np.ndarray:
+    """OpenCV GrabCut at a working resolution; returns a bool mask at full resolution."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    sw, sh = max(8, int(round(w * scale))), max(8, int(round(h * scale)))
+    sx, sy = sw / w, sh / h
+    small = cv2.resize(np.floor(image * 255 + 0.5).astype(np.uint8), (sw, sh), interpolation=cv2.INTER_AREA)
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    if init_mask is not None:
+        mask = cv2.resize(init_mask.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST)
+        mode = cv2.GC_INIT_WITH_MASK
+        r = None
+    else:
+        x, y, bw, bh = rect
+        r = (int(x * sx), int(y * sy), max(2, int(bw * sx)), max(2, int(bh * sy)))
+        r = (min(r[0], sw - 2), min(r[1], sh - 2), min(r[2], sw - min(r[0], sw - 2)), min(r[3], sh - min(r[1], sh - 2)))
+        mask = np.zeros((sh, sw), np.uint8)
+        mode = cv2.GC_INIT_WITH_RECT
+    try:
+        cv2.grabCut(small, mask, r, bgd, fgd, iterations, mode)
+    except cv2.error:  # degenerate input (e.g. a single colour): keep the initial guess
+        if init_mask is None:
+            x, y, bw, bh = r
+            mask[y:y + bh, x:x + bw] = cv2.GC_PR_FGD
+    fg = np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
+    # keep the largest blob: GrabCut leaves specks
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    if n > 2:
+        keep = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        fg = (lab == keep).astype(np.uint8)
+    return cv2.resize(fg, (w, h), interpolation=cv2.INTER_LINEAR) > 0
+
+
+def effects_around(image: np.ndarray, body: np.ndarray, completer: BackgroundCompleter, radius: int,
+                   threshold: float, limit: np.ndarray | None = None) -> np.ndarray:
+    """Body + the changed pixels around it (shadow, glow) that connect to it."""
+    from scipy import ndimage
+
+    search = dilate(body, radius)
+    if limit is not None:
+        search &= limit | body
+    if search.all():
+        return body.copy()
+    bg = completer(image, search)
+    changed = (residual(image, bg) > threshold) & search
+    lab, _ = ndimage.label(changed | body)
+    keep = np.unique(lab[body])
+    keep = keep[keep > 0]
+    return np.isin(lab, keep) | body
+
+
+# ------------------------------------------------------------------------------------------- proposers
+class InstanceProposer:
+    """Base class: `proposer(image) -> list[InstanceProposal]`."""
+
+    name = "proposer"
+
+    def __init__(self, completer: BackgroundCompleter | None = None, threshold: float = 0.08,
+                 effect_radius: float = 0.12):
+        self.completer = completer or StructureFill()
+        self.threshold, self.effect_radius = float(threshold), float(effect_radius)
+
+    def __call__(self, image: np.ndarray) -> list[InstanceProposal]:
+        image = np.asarray(image, np.float32)
+        return self.propose(image)
+
+    def propose(self, image):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _radius(self, image) -> int:
+        return max(2, int(round(self.effect_radius * min(image.shape[:2]))))
+
+    def _with_effects(self, image, body, model: BackgroundModel, source: str) -> InstanceProposal:
+        if model.flat:
+            region = effects_around(image, body, self.completer, self._radius(image),
+                                    max(self.threshold * 0.5, 4 * model.noise))
+        else:
+            region = dilate(body, max(1, min(image.shape[:2]) // 100))
+        return InstanceProposal(body, region, source=source)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class AutomaticProposer(InstanceProposer):
+    """No guidance: background-model residual blobs on designs, GrabCut saliency on photos."""
+
+    name = "automatic"
+
+    def __init__(self, completer=None, threshold: float = 0.08, effect_radius: float = 0.12,
+                 max_instances: int = 16, photo_margin: float = 0.1):
+        super().__init__(completer, threshold, effect_radius)
+        self.max_instances, self.photo_margin = int(max_instances), float(photo_margin)
+
+    def propose(self, image):
+        model = fit_background(image, self.completer, self.threshold)
+        if model.flat:
+            props = flat_proposals(image, model)
+            for p in props:  # make sure faint effect tails that the global fit missed are included
+                p.region = p.region | effects_around(image, p.mask, self.completer, self._radius(image),
+                                                     max(self.threshold * 0.5, 4 * model.noise),
+                                                     limit=~_others(props, p))
+            props.sort(key=lambda p: -p.area)
+            return props[: self.max_instances]
+        h, w = image.shape[:2]
+        m = self.photo_margin
+        rect = (int(m * w), int(m * h), max(2, int((1 - 2 * m) * w)), max(2, int((1 - 2 * m) * h)))
+        body = grabcut(image, rect=rect)
+        if body.sum() < 16 or body.all():
+            return []
+        return [self._with_effects(image, body, model, "saliency")]
+
+
+def _others(props, p):
+    out = np.zeros_like(p.mask)
+    for q in props:
+        if q is not p:
+            out |= q.mask
+    return out
+
+
+def _box_mask(box, h, w) -> np.ndarray:
+    x, y, bw, bh = box
+    m = np.zeros((h, w), bool)
+    m[max(0, y):max(0, y + bh), max(0, x):max(0, x + bw)] = True
+    return m
+
+
+def check_box(box, h: int, w: int) -> tuple[int, int, int, int]:
+    """Validate an (x, y, w, h) box against an image; clip it to the canvas."""
+    try:
+        x, y, bw, bh = (int(round(float(v))) for v in box)
+    except (TypeError, ValueError):
+        raise LayergenError(f"a box must be four numbers x,y,w,h, got {box!r}") from None
+    if bw <= 0 or bh <= 0:
+        raise LayergenError(f"box {x},{y},{bw},{bh} has no area (width and height must be > 0)")
+    if x >= w or y >= h or x + bw <= 0 or y + bh <= 0:
+        raise LayergenError(f"box {x},{y},{bw},{bh} lies outside the {w}x{h} image")
+    x0, y0 = max(0, x), max(0, y)
+    return x0, y0, min(w, x + bw) - x0, min(h, y + bh) - y0
+
+
+class BoxProposer(InstanceProposer):
+    """User boxes `(x, y, w, h)`: on designs, the pixels in the box the background cannot explain
+    (plus the effects around them); on photos, GrabCut inside the box.
+
+    The background is fitted with the boxes (grown by the effect radius) as the
+    first foreground guess. Pixels claimed by several boxes (overlaps) go to
+    the box whose own, unshared pixels have the closest colour.
+    """
+
+    name = "box"
+
+    def __init__(self, boxes, completer=None, threshold: float = 0.08, effect_radius: float = 0.12):
+        super().__init__(completer, threshold, effect_radius)
+        self.boxes = [tuple(b) for b in boxes]
+        if not self.boxes:
+            raise LayergenError("BoxProposer needs at least one box")
+
+    def propose(self, image):
+        h, w = image.shape[:2]
+        boxes = [check_box(b, h, w) for b in self.boxes]
+        insides = [_box_mask(b, h, w) for b in boxes]
+        grown = np.zeros((h, w), bool)
+        for m in insides:
+            grown |= dilate(m, self._radius(image))
+        model = fit_background(image, self.completer, self.threshold, init=grown)
+        if not model.flat and grown.mean() > 0.7:  # boxes cover the image: judge flatness without them
+            model.flat = fit_background(image, self.completer, self.threshold).flat
+        if model.flat:
+            res = residual(image, model.background)
+            strong = (res > self.threshold) & ~shadow_like(image, model.background)
+            bodies = [m & strong for m in insides]
+            bodies = _resolve_shared(image, bodies, [b[2] * b[3] for b in boxes])
+            for k, m in enumerate(insides):
+                if bodies[k].sum() < 4:  # the object blends in: trust the user's box
+                    bodies[k] = m & (res > 0.5 * self.threshold)
+                if bodies[k].sum() < 4:
+                    bodies[k] = m
+                bodies[k] = _largest_blobs(bodies[k], min_fraction=0.15)
+        else:
+            bodies = []
+            for box, m in zip(boxes, insides):
+                body = grabcut(image, rect=box) & dilate(m, 2)
+                bodies.append(body if body.sum() >= 4 else m)
+        props = []
+        for k, (box, body) in enumerate(zip(boxes, bodies)):
+            others = np.zeros((h, w), bool)
+            for j, b in enumerate(bodies):
+                if j != k:
+                    others |= b
+            if model.flat:
+                region = effects_around(image, body, self.completer, self._radius(image),
+                                        max(self.threshold * 0.5, 4 * model.noise), limit=~others)
+            else:
+                region = dilate(body, max(1, min(h, w) // 100))
+            p = InstanceProposal(body, region, source="box", metadata={"box": box})
+            props.append(p)
+        return props
+
+
+def _resolve_shared(image, bodies, areas):
+    """Give pixels claimed by several bodies to the one whose unshared pixels match their colour best."""
+    if len(bodies) <= 1:
+        return bodies
+    count = np.sum(bodies, axis=0)
+    shared = count > 1
+    if not shared.any():
+        return bodies
+    from .matting import dominant_colours
+
+    refs = []
+    for b in bodies:
+        own = b & ~shared
+        cols = dominant_colours(image[own if own.sum() >= 8 else b], max_colours=2, radius=0.1, min_share=0.2)
+        refs.append(cols if len(cols) else np.full((1, 3), np.inf, np.float32))
+    ys, xs = np.nonzero(shared)
+    px = image[ys, xs]
+    best = np.full(len(px), np.inf)
+    owner = np.full(len(px), -1)
+    for k, b in enumerate(bodies):
+        d = np.abs(px[:, None, :] - refs[k][None]).max(-1).min(-1)
+        d = np.where(b[ys, xs], d + 1e-3 * areas[k] / max(areas), np.inf)  # ties: the smaller box
+        better = d < best
+        best, owner = np.where(better, d, best), np.where(better, k, owner)
+    out = [b.copy() for b in bodies]
+    for k in range(len(out)):
+        out[k][ys, xs] = owner == k
+    return out
+
+
+def _largest_blobs(mask: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Drop specks: keep connected parts holding at least `min_fraction` of the largest part."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
+    keep = np.nonzero(sizes >= min_fraction * sizes.max())[0] + 1
+    return np.isin(lab, keep)
+
+
+class MaskProposer(InstanceProposer):
+    """User masks (bool or 0..255 arrays the size of the image): each is one instance body."""
+
+    name = "mask"
+
+    def __init__(self, masks, completer=None, threshold: float = 0.08, effect_radius: float = 0.12):
+        super().__init__(completer, threshold, effect_radius)
+        self.masks = list(masks)
+        if not self.masks:
+            raise LayergenError("MaskProposer needs at least one mask")
+
+    def propose(self, image):
+        h, w = image.shape[:2]
+        bodies = []
+        for i, m in enumerate(self.masks):
+            m = np.asarray(m)
+            if m.ndim == 3:
+                m = m[..., -1] if m.shape[2] in (2, 4) else m.max(-1)
+            if m.shape != (h, w):
+                raise LayergenError(f"mask {i} is {m.shape[1] if m.ndim > 1 else '?'}x{m.shape[0]} "
+                                    f"but the image is {w}x{h}")
+            body = m > (127 if m.dtype == np.uint8 else 0.5)
+            if not body.any():
+                raise LayergenError(f"mask {i} is empty (no pixel selected)")
+            bodies.append(body)
+        model = fit_background(image, self.completer, self.threshold)
+        return [self._with_effects(image, b, model, "mask") for b in bodies]
+
+
+class PointProposer(InstanceProposer):
+    """User clicks `(x, y)`: the automatic instance under (or nearest to) each point."""
+
+    name = "point"
+
+    def __init__(self, points, completer=None, threshold: float = 0.08, effect_radius: float = 0.12):
+        super().__init__(completer, threshold, effect_radius)
+        self.points = [tuple(p) for p in points]
+        if not self.points:
+            raise LayergenError("PointProposer needs at least one point")
+
+    def propose(self, image):
+        from scipy import ndimage
+
+        h, w = image.shape[:2]
+        pts = []
+        for p in self.points:
+            try:
+                x, y = (int(round(float(v))) for v in p)
+            except (TypeError, ValueError):
+                raise LayergenError(f"a point must be two numbers x,y, got {p!r}") from None
+            if not (0 <= x < w and 0 <= y < h):
+                raise LayergenError(f"point {x},{y} lies outside the {w}x{h} image")
+            pts.append((x, y))
+        model = fit_background(image, self.completer, self.threshold)
+        props = []
+        if model.flat:
+            cands = flat_proposals(image, model)
+            for x, y in pts:
+                if not cands:
+                    break
+                d = [ndimage.distance_transform_edt(~c.mask)[y, x] for c in cands]
+                best = cands[int(np.argmin(d))]
+                if not any(best is q for q in props):
+                    best.source = "point"
+                    props.append(best)
+            for p in props:
+                p.region = p.region | effects_around(image, p.mask, self.completer, self._radius(image),
+                                                     max(self.threshold * 0.5, 4 * model.noise),
+                                                     limit=~_others(props, p))
+            return props
+        for x, y in pts:
+            init = np.full((h, w), 2, np.uint8)  # GC_PR_BGD everywhere
+            r = max(2, min(h, w) // 4)
+            init[max(0, y - r):y + r, max(0, x - r):x + r] = 3  # GC_PR_FGD around the click
+            init[dilate(_point_mask(x, y, h, w), max(1, min(h, w) // 50))] = 1  # GC_FGD at the click
+            body = grabcut(image, init_mask=init)
+            props.append(self._with_effects(image, body if body.any() else _point_mask(x, y, h, w), model, "point"))
+        return props
+
+
+def _point_mask(x, y, h, w):
+    m = np.zeros((h, w), bool)
+    m[y, x] = True
+    return m
+
+
+# ------------------------------------------------------------------------------------------- ordering
+def order_top_first(proposals: list[InstanceProposal]) -> list[InstanceProposal]:
+    """Occlusion order, topmost first.
+
+    For two touching bodies, the occluded one has a "bite" out of its shape:
+    its convex hull reaches into the other body. The body whose hull covers
+    less of the other is on top. Unrelated bodies: lower on the canvas first
+    (nearer the viewer in most photos), then smaller first.
+    """
+    import cv2
+
+    n = len(proposals)
+    if n <= 1:
+        return list(proposals)
+    hulls = []
+    for p in proposals:
+        pts = cv2.findNonZero(p.mask.astype(np.uint8))
+        hull = np.zeros(p.mask.shape, np.uint8)
+        if pts is not None:
+            cv2.fillConvexPoly(hull, cv2.convexHull(pts), 1)
+        hulls.append(hull > 0)
+    above = np.zeros((n, n), bool)  # above[i, j]: i is above j
+    for i in range(n):
+        for j in range(i + 1, n):
+            if not (dilate(proposals[i].mask, 2) & proposals[j].mask).any():
+                continue
+            i_bites_j = (hulls[j] & proposals[i].mask).sum() / max(1, proposals[i].area)
+            j_bites_i = (hulls[i] & proposals[j].mask).sum() / max(1, proposals[j].area)
+            if abs(i_bites_j - j_bites_i) < 1e-3:
+                continue
+            if i_bites_j > j_bites_i:  # j's hull reaches into i: j is the occluded one
+                above[i, j] = True
+            else:
+                above[j, i] = True
+
+    def key(k):
+        box = proposals[k].box
+        return (-(box[1] + box[3]), proposals[k].area)
+
+    order, left = [], set(range(n))
+    while left:
+        free = [k for k in left if not any(above[m, k] for m in left if m != k)]
+        if not free:  # a cycle: break it with the tie rule
+            free = list(left)
+        k = min(free, key=key)
+        order.append(k)
+        left.remove(k)
+    return [proposals[k] for k in order]
+
+
+PROPOSERS = {"automatic": AutomaticProposer, "box": BoxProposer, "mask": MaskProposer, "point": PointProposer}

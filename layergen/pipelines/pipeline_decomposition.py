@@ -1,0 +1,357 @@
+"""Decomposition: a flat image -> a clean background + ordered RGBA instance layers with their effects.
+
+    pipe = DecompositionPipeline()                            # classical, no weights
+    out = pipe(image, boxes=[(10, 20, 40, 40)])               # or masks=, points=, nothing = automatic
+    out.stack.composite()  # == the input (out.psnr says how closely, usually > 45 dB)
+
+    pipe = DecompositionPipeline.from_pretrained("assets/layergen-mini-decomposer")  # the learned mini decomposer
+
+Each instance is peeled top-first (LayerD-style): propose -> matte the body ->
+complete the background under body and effects -> *unblend* the layer from
+input and background, so shadows and glows stay in the object's layer and the
+stack re-composites to the input. `recursive=True` re-runs the proposal on
+the revealed image after every peel, up to `num_layers` layers.
+
+Components are plain objects (see `layergen.decompose`): `proposer`,
+`matting`, `completion`, `extraction`. With a learned `decomposer` (a latent
+diffusion model conditioned on composite + instance mask, predicting the
+background latent and the RGBA-layer latent jointly) its alpha replaces the
+matting prior and its background replaces the completion inside the hole.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from ..decompose.completion import BackgroundCompleter, StructureFill
+from ..decompose.matting import AlphaMatting, ClosedFormMatting, ForegroundExtraction, Unblend
+from ..decompose.proposals import (AutomaticProposer, BoxProposer, InstanceProposal, InstanceProposer, MaskProposer,
+                                   PointProposer, dilate, erode, order_top_first)
+from ..errors import LayergenError
+from ..layers import Layer, LayerStack
+
+MAX_PIXELS = 4096 * 4096
+MIN_SIDE = 8
+
+
+@dataclass
+class DecompositionPipelineOutput(BaseOutput):
+    """`stack`: background + instance layers (bottom -> top); `psnr`: re-composite vs input (dB, capped at 100)."""
+
+    stack: LayerStack
+    psnr: float
+    seconds: float = 0.0
+    proposals: list = field(default_factory=list)
+
+
+def load_image(image) -> np.ndarray:
+    """Path / PIL / array -> float32 H x W x 3 in [0, 1], with clear errors for what we cannot take.
+
+    Grayscale becomes RGB, 16-bit is scaled to 8-bit precision, an opaque alpha
+    channel is dropped; a transparent image is flattened over white (its alpha
+    is not a layer structure we could respect).
+    """
+    from PIL import Image
+
+    if isinstance(image, LayerStack):
+        image = image.composite()
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        from pathlib import Path
+
+        path = Path(image)
+        if not path.is_file():
+            raise LayergenError(f"{path}: no such image file")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise LayergenError(f"{path}: cannot read image ({exc})") from None
+    if isinstance(image, Image.Image):
+        if image.width * image.height > MAX_PIXELS:
+            raise LayergenError(f"image is {image.width}x{image.height}; the limit is {MAX_PIXELS // 1_000_000} "
+                                "megapixels — downscale it first")
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(image, np.float64)
+            arr = arr / (65535.0 if arr.max() > 255 else 255.0)
+            image = np.clip(arr, 0, 1)
+        elif image.mode == "F":
+            image = np.asarray(image, np.float32)
+        elif image.mode == "P":
+            image = np.asarray(image.convert("RGBA"))
+        else:
+            image = np.asarray(image if image.mode in ("L", "LA", "RGB", "RGBA") else image.convert("RGB"))
+    if torch.is_tensor(image):
+        image = image.detach().cpu().numpy()
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+            image = image.transpose(1, 2, 0)
+    arr = np.asarray(image)
+    if arr.size == 0 or arr.ndim < 2:
+        raise LayergenError(f"image is empty (shape {arr.shape})")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, -1)
+    elif arr.ndim == 3 and arr.shape[2] == 2:
+        arr = np.concatenate([np.stack([arr[..., 0]] * 3, -1), arr[..., 1:]], -1)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise LayergenError(f"image must be H x W (gray), H x W x 3 (RGB) or H x W x 4 (RGBA), got {arr.shape}")
+    h, w = arr.shape[:2]
+    if h * w > MAX_PIXELS:
+        raise LayergenError(f"image is {w}x{h}; the limit is {MAX_PIXELS // 1_000_000} megapixels — downscale it first")
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise LayergenError(f"image is {w}x{h}; decomposition needs at least {MIN_SIDE}x{MIN_SIDE} pixels")
+    if arr.dtype == np.uint8:
+        f = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        f = arr.astype(np.float32) / 65535.0
+    elif arr.dtype == bool:
+        f = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise LayergenError("float images must hold finite values in [0, 1]")
+        f = arr.astype(np.float32)
+    else:
+        raise LayergenError(f"unsupported pixel type {arr.dtype}; use 8- or 16-bit integers or floats in [0, 1]")
+    if f.shape[2] == 4:
+        a = f[..., 3:4]
+        f = f[..., :3] * a + (1.0 - a)  # flatten over white (no-op when opaque)
+    # quantise to 8 bits: layers are 8-bit, and exact re-compositing is defined on 8-bit pixels
+    return np.floor(np.clip(f, 0, 1) * 255.0 + 0.5).astype(np.float32) / 255.0
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, cap: float = 100.0) -> float:
+    """PSNR in dB of two images (uint8 arrays are scaled to [0, 1], floats taken as [0, 1])."""
+    a = np.asarray(a, np.float64) / (255.0 if np.asarray(a).dtype == np.uint8 else 1.0)
+    b = np.asarray(b, np.float64) / (255.0 if np.asarray(b).dtype == np.uint8 else 1.0)
+    d = (a - b) ** 2
+    if mask is not None:
+        if not mask.any():
+            return float("nan")
+        d = d[mask]
+    mse = float(d.mean())
+    return cap if mse <= 10 ** (-cap / 10) else float(10 * np.log10(1.0 / mse))
+
+
+def estimate_translucency(image, background, body, min_background_std: float = 0.03):
+    """Alpha of a see-through body from how it tracks the background: `I = (1 - a) B + k + g y`.
+
+    Why: glass shows the background through, so over a varying background the
+    body colour follows it with slope `1 - a`. The per-channel `g y` term
+    absorbs vertical shading, which must not pass for transparency. Returns
+    `(a, k + g y map)` or None when the background under the body varies too
+    little (beyond shading) to tell; the body is then taken as opaque.
+    """
+    core = erode(body, 2)
+    n = int(core.sum())
+    if n < 20:
+        return None
+    ys, xs = np.nonzero(core)
+    I, B = image[core].astype(np.float64), background[core].astype(np.float64)
+    y = (ys - ys.mean()) / max(1.0, ys.std())
+    X = np.stack([np.ones(n), y], 1)  # per-channel intercept and shading slope
+    proj = X @ np.linalg.lstsq(X, B, rcond=None)[0]
+    Br = B - proj  # background variation the shading model cannot explain
+    if (Br ** 2).mean() < min_background_std ** 2:
+        return None
+    coef_i = np.linalg.lstsq(X, I, rcond=None)[0]
+    Ir = I - X @ coef_i
+    s = float((Ir * Br).sum() / (Br ** 2).sum())
+    if not 0.2 <= s <= 0.8:
+        return None
+    glass_res = float(np.abs(Ir - s * Br).mean())
+    solid_res = float(np.abs(Ir).mean())
+    if solid_res < 0.015 or glass_res > 0.5 * solid_res:
+        return None
+    # k + g y as a full map over the body's rows
+    coef = np.linalg.lstsq(X, I - s * B, rcond=None)[0]
+    yy = (np.arange(image.shape[0], dtype=np.float64) - ys.mean()) / max(1.0, ys.std())
+    offset = coef[0][None, None, :] + yy[:, None, None] * coef[1][None, None, :]
+    return 1.0 - s, np.broadcast_to(offset, image.shape).astype(np.float32)
+
+
+class DecompositionPipeline(DiffusionPipeline):
+    """Image (+ optional boxes / masks / points) -> `LayerStack` of background + RGBA instances.
+
+    Registered (optional) modules, for the learned path: `decomposer`
+    (`layergen.decompose.learned.LayerDecomposer`), `vae` (AutoencoderKL),
+    `codec` (TransparentDecoder for the RGBA latent), `scheduler`.
+    Plain components (not saved with `save_pretrained`): `proposer`,
+    `matting`, `completion`, `extraction`.
+    """
+
+    model_cpu_offload_seq = "vae->decomposer->codec"
+    _optional_components = ["decomposer", "vae", "codec", "scheduler"]
+    _callback_tensor_inputs = ["background"]
+
+    def __init__(self, decomposer=None, vae=None, codec=None, scheduler=None,
+                 proposer: InstanceProposer | None = None, matting: AlphaMatting | None = None,
+                 completion: BackgroundCompleter | None = None, extraction: ForegroundExtraction | None = None):
+        super().__init__()
+        self.register_modules(decomposer=decomposer, vae=vae, codec=codec, scheduler=scheduler)
+        self.proposer = proposer
+        self.matting = matting if matting is not None else ClosedFormMatting()
+        self.completion = completion if completion is not None else StructureFill()
+        self.extraction = extraction if extraction is not None else Unblend()
+
+    @property
+    def learned(self) -> bool:
+        return getattr(self, "decomposer", None) is not None and getattr(self, "vae", None) is not None
+
+    # ------------------------------------------------------------------ inputs
+    def check_inputs(self, image, boxes, masks, points, num_layers):
+        given = [g for g in (boxes, masks, points) if g is not None]
+        if len(given) > 1:
+            raise LayergenError("give at most one kind of guidance: boxes, masks or points")
+        for name, g in (("boxes", boxes), ("masks", masks), ("points", points)):
+            if g is not None and len(g) == 0:
+                raise LayergenError(f"{name} is empty; pass None for automatic proposals")
+        if num_layers is not None and int(num_layers) < 1:
+            raise LayergenError(f"num_layers must be >= 1, got {num_layers}")
+
+    def make_proposer(self, boxes=None, masks=None, points=None) -> InstanceProposer:
+        completer = self.completion if isinstance(self.completion, StructureFill) else StructureFill()
+        if boxes is not None:
+            return BoxProposer(boxes, completer=completer)
+        if masks is not None:
+            return MaskProposer(masks, completer=completer)
+        if points is not None:
+            return PointProposer(points, completer=completer)
+        return self.proposer if self.proposer is not None else AutomaticProposer(completer=completer)
+
+    # ------------------------------------------------------------------ one peel
+    def peel(self, image: np.ndarray, proposal: InstanceProposal, generator=None, num_inference_steps: int = 20,
+             others: np.ndarray | None = None):
+        """Remove one instance from `image`. Returns `(rgb, alpha, background)` (float32).
+
+        `others`: pixels of instances still in the image; the completion does not learn from them.
+        """
+        body = proposal.mask
+        if self.learned:
+            prior, learned_bg, learned_alpha = self.learned_step(image, proposal, generator, num_inference_steps)
+            hole = proposal.region | dilate(learned_alpha > 0.05, 1) | dilate(body, 1)
+        else:
+            prior = self.matting(image, body)
+            learned_bg = None
+            hole = proposal.region | dilate(prior > 0.01, 1) | dilate(body, 1)
+        if hole.all():
+            hole = hole & ~_frame(hole.shape)
+        background = self.completion(image, hole, ignore=None if others is None else others & ~hole)
+        if learned_bg is not None:
+            background = np.where(hole[..., None], learned_bg, background)
+        glass = estimate_translucency(image, background, body & (prior >= 0.5))
+        if glass is not None:
+            a, k = glass
+            see_through = body & (prior >= 0.98)
+            prior = np.where(see_through, a, prior).astype(np.float32)
+            # the background is visible through glass: recover it instead of inventing it
+            recovered = np.clip((image - k) / max(1.0 - a, 1e-3), 0, 1)
+            background = np.where(erode(see_through, 1)[..., None], recovered, background)
+        rgb, alpha = self.extraction(image, background, hole, prior)
+        background = np.where(alpha[..., None] > 0, background, image)  # nothing explained by the layer is lost
+        return rgb, alpha, background
+
+    def learned_step(self, image, proposal, generator=None, num_inference_steps: int = 20):
+        from ..decompose.learned import run_decomposer
+
+        return run_decomposer(self, image, proposal, generator=generator, num_inference_steps=num_inference_steps,
+                              completion=self.completion)
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(self, image, boxes=None, masks=None, points=None, num_layers: Optional[int] = None,
+                 recursive: bool = False, num_inference_steps: int = 20, generator: torch.Generator | None = None,
+                 callback_on_step_end: Optional[Callable] = None, return_dict: bool = True):
+        """Decompose `image`.
+
+        Args:
+            image: path, PIL image, uint8/uint16/float array (gray, RGB or RGBA) or a LayerStack.
+            boxes: `(x, y, w, h)` per instance; `masks`: H x W arrays; `points`: `(x, y)` clicks.
+                None of them: automatic proposals.
+            num_layers: at most this many instance layers (default: all proposals).
+            recursive: re-propose on the revealed image after each peel (LayerD-style); automatic only.
+            callback_on_step_end: `fn(pipe, i, t, {"background": ..., "layer": Layer})` after each peel.
+        """
+        start = time.perf_counter()
+        self.check_inputs(image, boxes, masks, points, num_layers)
+        img = load_image(image)
+        h, w = img.shape[:2]
+        proposer = self.make_proposer(boxes, masks, points)
+        proposals = order_top_first(proposer(img))
+        limit = num_layers if num_layers is not None else (len(proposals) if not recursive else 8)
+        if not recursive:
+            proposals = proposals[:limit]
+        current = img
+        peeled: list[Layer] = []
+        used = []
+        total = limit if recursive else len(proposals)
+        with self.progress_bar(total=max(total, 1)) as bar:
+            i = 0
+            while i < total:
+                if recursive and i > 0:
+                    found = order_top_first(proposer(current)) if boxes is None and masks is None and points is None \
+                        else []
+                    if not found:
+                        break
+                    proposals = found
+                if i >= len(proposals) and not recursive:
+                    break
+                p = proposals[0] if recursive else proposals[i]
+                rest = proposals[1:] if recursive else proposals[i + 1:]
+                others = np.zeros((h, w), bool)
+                for q in rest:
+                    others |= q.region
+                rgb, alpha, current = self.peel(current, p, generator, num_inference_steps, others=others)
+                if alpha.max() <= 0:
+                    i += 1
+                    bar.update(1)
+                    continue
+                rgba = np.concatenate([rgb, alpha[..., None]], -1)
+                u8 = np.floor(np.clip(rgba, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+                u8[u8[..., 3] == 0, :3] = 0
+                x, y, bw, bh = p.box
+                layer = Layer(u8, name=f"instance {len(peeled) + 1}",
+                              metadata={"kind": "instance", "source": p.source, "box": [x, y, bw, bh],
+                                        "decomposer": "learned" if self.learned else "classical"})
+                peeled.append(layer)
+                used.append(p)
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, i, i, {"background": current, "layer": layer})
+                i += 1
+                bar.update(1)
+                if recursive and not (boxes is None and masks is None and points is None):
+                    break
+        stack = LayerStack(w, h, metadata={"pipeline": type(self).__name__})
+        bg_u8 = np.floor(np.clip(current, 0, 1) * 255 + 0.5).astype(np.uint8)
+        stack.add(Layer(bg_u8, name="background", metadata={"kind": "background"}))
+        for k, layer in enumerate(reversed(peeled)):  # peeled top-first; the stack is bottom -> top
+            layer.name = f"instance {k + 1}"
+            stack.add(layer)
+        value = psnr(stack.composite()[..., :3], img)
+        stack.metadata["recomposite_psnr"] = value
+        self.maybe_free_model_hooks()
+        out = DecompositionPipelineOutput(stack=stack, psnr=value, seconds=time.perf_counter() - start,
+                                          proposals=list(reversed(used)))
+        return out if return_dict else (stack, value)
+
+
+def _frame(shape):
+    m = np.zeros(shape, bool)
+    m[0, :] = m[-1, :] = True
+    m[:, 0] = m[:, -1] = True
+    return m
+
+
+def naive_pipeline(**kwargs) -> DecompositionPipeline:
+    """The naive baseline: hard mask cut (no effects) + OpenCV Telea fill, no unblending."""
+    from ..decompose.completion import OpenCVInpainting
+    from ..decompose.matting import HardCut, HardMatting
+
+    return DecompositionPipeline(matting=HardMatting(), completion=OpenCVInpainting("telea"),
+                                 extraction=HardCut(), **kwargs)

@@ -1,0 +1,197 @@
+"""The studio app through its API (gradio_client against a launched server): the README flow, every layer
+operation, sessions, undo/redo, layout, decomposition, import/export and user errors."""
+import numpy as np
+import pytest
+from gradio_client import handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from layergen.data.scenes import make_scene
+from layergen.layers import formats
+from layergen.studio.document import checkerboard
+
+PSD = "PSD (Photoshop, Photopea, Krita)"
+ZIP = "PNG stack (zip)"
+INFO, PREVIEW, GALLERY = 10, 0, 1
+
+
+def info(result):
+    return result[INFO]
+
+
+def val(output):
+    """The value of an output, whether it came back plain or as a component update."""
+    return output["value"] if isinstance(output, dict) and output.get("__type__") == "update" else output
+
+
+def names(result):
+    return [l["name"] for l in info(result)["layers"]]
+
+
+def table(rows):
+    return {"headers": ["x0", "y0", "x1", "y1", "prompt"], "data": rows, "metadata": None}
+
+
+def test_readme_flow_generate_reorder_repaint_export(client, tmp_path):
+    """Three layers, reorder, repaint one (others bit-identical), download a PSD that keeps every layer."""
+    for seed, prompt in enumerate(["a horizon background", "a red star", "a blue heart"]):
+        r = client.predict(prompt, seed, "none", api_name="/generate")
+    assert names(r) == ["horizon with a blue sky and red ground", "red star", "blue heart"]
+    assert [l["kind"] for l in info(r)["layers"]] == ["background", "instance", "instance"]
+    assert info(r)["selected"] == 2 and [l["prompt"] for l in info(r)["layers"]][1] == "a red star"
+    gallery = r[GALLERY]
+    assert [g["caption"] for g in gallery] == [f"{i}: {n}" for i, n in reversed(list(enumerate(names(r))))]
+
+    r = client.predict(api_name="/move_down")  # the heart goes below the star
+    order = names(r)
+    assert order[1:] == ["blue heart", "red star"] and info(r)["selected"] == 1
+    before = formats.load(client.predict(ZIP, api_name="/export"))
+
+    r = client.predict("a green square", 11, api_name="/repaint")  # repaints the selected heart
+    after = formats.load(client.predict(ZIP, api_name="/export"))
+    assert names(r) == order and info(r)["layers"][1]["prompt"] == "a green square"
+    assert not np.array_equal(after[1].pixels, before[1].pixels)
+    for i in (0, 2):
+        assert after[i] == before[i]  # every other layer is untouched, pixel for pixel
+
+    psd_path = client.predict(PSD, api_name="/export")
+    from psd_tools import PSDImage
+
+    psd = PSDImage.open(psd_path)
+    assert [l.name for l in psd] == order and (psd.width, psd.height) == (256, 256)
+    reloaded = formats.load(psd_path)
+    assert np.array_equal(reloaded.composite(), after.composite())
+
+
+def test_preview_is_live_and_layer_ops(client):
+    r = client.predict("a red square", 3, "none", api_name="/generate")
+    layer = info(r)["layers"][0]
+    cx, cy = layer["x"] + layer["width"] // 2, layer["y"] + layer["height"] // 2
+    shown = np.asarray(Image.open(r[PREVIEW]).convert("RGBA"))
+    assert shown[cy, cx, 0] > 150 and shown[cy, cx, 1] < 100  # red in the preview
+
+    r = client.predict(False, api_name="/set_visible")
+    shown = np.asarray(Image.open(r[PREVIEW]).convert("RGBA"))
+    assert np.array_equal(shown, checkerboard(256, 256))  # hidden: only the checkerboard is left
+    assert r[GALLERY][0]["caption"].endswith("(hidden)") and val(r[4]) is False
+    r = client.predict(True, api_name="/set_visible")
+
+    r = client.predict("Hero", api_name="/rename")
+    assert names(r) == ["Hero"] and val(r[3]) == "Hero"
+    r = client.predict(40, api_name="/set_opacity")
+    assert info(r)["layers"][0]["opacity"] == pytest.approx(0.4)
+    r = client.predict("multiply", api_name="/set_blend_mode")
+    assert info(r)["layers"][0]["blend_mode"] == "multiply"
+    r = client.predict(api_name="/duplicate")
+    assert names(r) == ["Hero", "Hero copy"] and info(r)["selected"] == 1
+    r = client.predict(10, 20, 50, api_name="/transform")  # move to (10, 20), then scale 50 % about the centre
+    moved = info(r)["layers"][1]
+    assert (moved["width"], moved["height"]) == (round(layer["width"] / 2), round(layer["height"] / 2))
+    assert abs(moved["x"] - (10 + layer["width"] / 4)) <= 1 and abs(moved["y"] - (20 + layer["height"] / 4)) <= 1
+    r = client.predict(0, api_name="/select_layer")
+    assert info(r)["selected"] == 0 and val(r[3]) == "Hero"
+    r = client.predict(1, api_name="/select_layer")
+    r = client.predict(api_name="/merge_down")
+    assert names(r) == ["Hero"] and info(r)["selected"] == 0
+    r = client.predict(api_name="/delete")
+    assert names(r) == [] and info(r)["selected"] is None
+
+    # undo walks back through every edit; redo replays it
+    r = client.predict(api_name="/undo")
+    assert names(r) == ["Hero"]
+    r = client.predict(api_name="/undo")
+    assert names(r) == ["Hero", "Hero copy"]
+    r = client.predict(api_name="/redo")
+    assert names(r) == ["Hero"] and info(r)["redo"] == "Delete layer"
+
+
+def test_sessions_are_isolated(studio, tmp_path):
+    from gradio_client import Client
+
+    alice = Client(studio[1], verbose=False, download_files=str(tmp_path / "a"))
+    bob = Client(studio[1], verbose=False, download_files=str(tmp_path / "b"))
+    alice.predict("a red star", 0, "none", api_name="/generate")
+    alice.predict("a blue ring", 1, "none", api_name="/generate")
+    r = bob.predict(api_name="/refresh")
+    assert info(r)["layers"] == [] and not info(r)["undo"]
+    bob.predict("a pink cross", 2, "none", api_name="/generate")
+    assert names(alice.predict(api_name="/refresh")) == ["red star", "blue ring"]
+
+
+def test_conditioned_generation_and_layout(client):
+    with pytest.raises(AppError, match="nothing to condition on"):
+        client.predict("a star", 0, "background", api_name="/generate")
+    r = client.predict("a heart", 0, "none", api_name="/generate")
+    r = client.predict("a sky", 1, "foreground", api_name="/generate")  # a background behind the heart
+    assert [l["kind"] for l in info(r)["layers"]] == ["background", "instance"]
+    assert names(r) == ["horizon with a blue sky and teal ground", "purple heart"]
+    r = client.predict("a star", 2, "background", api_name="/generate")  # a foreground on the current image
+    assert info(r)["layers"][2]["kind"] == "instance" and len(names(r)) == 3
+
+    rows = [[10, 10, 100, 100, "a yellow circle"], [120, 30, 240, 200, ""], [None, None, None, None, ""]]
+    r = client.predict("a purple triangle", table(rows), 5, False, api_name="/generate_layout")
+    layers = info(r)["layers"][3:]
+    assert len(layers) == 2 and [l["prompt"] for l in layers] == ["a yellow circle", "a purple triangle"]
+    for l, (x0, y0, x1, y1, _) in zip(layers, rows):
+        assert x0 <= l["x"] and y0 <= l["y"] and l["x"] + l["width"] <= x1 and l["y"] + l["height"] <= y1
+    r = client.predict(api_name="/undo")  # the whole layout is one undo step
+    assert len(info(r)["layers"]) == 3
+    with pytest.raises(AppError, match="row 1"):
+        client.predict("x", table([[0, 0, 999, 10, ""]]), 0, False, api_name="/generate_layout")
+
+
+def test_decompose_upload(client, tmp_path):
+    scene = make_scene(21, 128)
+    path = tmp_path / "flat.png"
+    Image.fromarray(scene.composite).save(path)
+    rows = [list(o.box) + [f"object {k}"] for k, o in enumerate(scene.objects)]
+    r = client.predict(handle_file(str(path)), table(rows), api_name="/decompose")
+    doc = info(r)
+    assert (doc["width"], doc["height"]) == (128, 128) and len(doc["layers"]) == 1 + len(rows)
+    stack = formats.load(client.predict(ZIP, api_name="/export"))
+    assert np.array_equal(stack.composite()[..., :3], scene.composite)
+    r = client.predict(api_name="/undo")
+    assert info(r)["layers"] == [] and info(r)["width"] == 256
+
+
+def test_import_and_file_validation(client, tmp_path):
+    scene = make_scene(4, 96)
+    path = formats.save(scene.to_stack(), tmp_path / "scene.ora")
+    r = client.predict(handle_file(str(path)), api_name="/import_file")
+    assert names(r) == scene.to_stack().names() and info(r)["width"] == 96
+
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not an image")
+    with pytest.raises(AppError, match="(?i)invalid file type|unsupported file type"):
+        client.predict(handle_file(str(txt)), api_name="/import_file")
+    fake = tmp_path / "fake.psd"
+    fake.write_bytes(b"this is not a psd file")
+    with pytest.raises(AppError, match="fake.psd"):
+        client.predict(handle_file(str(fake)), api_name="/import_file")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (5 * 2**20))  # over the 4 MB limit the test server was launched with
+    with pytest.raises(Exception):
+        client.predict(handle_file(str(big)), api_name="/import_file")
+    assert names(client.predict(api_name="/refresh")) == scene.to_stack().names()  # nothing changed
+
+
+@pytest.mark.parametrize("call, match", [
+    (("", 0, "none", "/generate"), "type a prompt"),
+    (("a star", -3, "none", "/generate"), "minimum"),  # Gradio checks the Number's range itself
+    (("a star", 0, "sideways", "/generate"), None),
+    (("x" * 600, 0, "none", "/generate"), "limit"),
+    (("a star", 1, "/repaint"), "no layers yet"),
+    (("/move_up",), "no layers yet"),
+    (("/undo",), "nothing to undo"),
+    ((PSD, "/export"), "empty"),
+    ((3000, 10, "/new_document"), "maximum"),
+    ((40, 20, "/new_document"), "minimum"),
+])
+def test_user_errors_are_one_line_messages(client, call, match):
+    *args, api = call
+    with pytest.raises((AppError, ValueError)) as err:
+        client.predict(*args, api_name=api)
+    text = str(err.value)
+    assert "Traceback" not in text
+    if match:
+        assert match in text

