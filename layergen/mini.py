@@ -64,3 +64,24 @@ def check_model_dir(path) -> Path:
             f"{path}: not a local diffusers model folder (no model_index.json/config.json). layergen never "
             "downloads; pass the path of a checkpoint on disk, or omit --model to use the bundled layergen-mini")
     return path
+
+
+PIPELINES = {
+    "transparent": "TransparentLayerPipeline",
+    "foreground_on_background": "ForegroundOnBackgroundPipeline",
+    "background_behind_foreground": "BackgroundBehindForegroundPipeline",
+}
+
+
+def load_pipeline(kind: str = "transparent", path=None, **kwargs):
+    """The bundled layergen-mini pipeline for `kind` (or a user folder at `path`), on CPU, ready to call.
+
+    All LayerDiffusion tasks share one component set, so other task pipelines can be made
+    without reloading: `ForegroundOnBackgroundPipeline(**pipe.components)`.
+    """
+    from . import pipelines
+
+    if kind not in PIPELINES:
+        raise ModelNotFoundError(f"unknown pipeline kind {kind!r}; expected one of {sorted(PIPELINES)}")
+    cls = getattr(pipelines, PIPELINES[kind])
+    return cls.from_pretrained(path or mini_path(), **kwargs)

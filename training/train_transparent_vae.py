@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=128, help="Size of the generated layers.")
     p.add_argument("--crop_size", type=int, default=None,
                    help="Train on crops of this size around the object (multiple of 8; faster). Default: no crop.")
+    p.add_argument("--final_full_res_steps", type=int, default=0,
+                   help="Train the last N steps on uncropped layers (batch shrunk to keep the pixel count), so "
+                        "the decoder's GroupNorm statistics match full-size inference.")
     p.add_argument("--scene_fraction", type=float, default=0.5,
                    help="Share of samples that are object layers of full scenes (the rest: single objects).")
     p.add_argument("--encoder_block_out_channels", type=int, nargs="+",
@@ -272,6 +275,14 @@ def main(argv=None):
                                          generator=torch.Generator().manual_seed(args.seed))
     encoder, decoder, optimizer, loader, scheduler = accelerator.prepare(encoder, decoder, optimizer, loader,
                                                                          scheduler)
+    full_loader = None
+    if args.crop_size and args.final_full_res_steps > 0:
+        full_bs = max(1, args.train_batch_size * args.crop_size ** 2 // args.resolution ** 2)
+        full_set = TransparentLayerDataset(args.resolution, scene_fraction=args.scene_fraction, seed_offset=0)
+        full_loader = accelerator.prepare(torch.utils.data.DataLoader(
+            full_set, batch_size=full_bs, shuffle=True, num_workers=args.dataloader_num_workers, drop_last=True,
+            generator=torch.Generator().manual_seed(args.seed + 1)))
+    full_from = args.max_train_steps - args.final_full_res_steps
     if accelerator.is_main_process and args.report_to:
         accelerator.init_trackers("train_transparent_vae", config={k: str(v) for k, v in vars(args).items()})
 
@@ -285,10 +296,14 @@ def main(argv=None):
                     disable=not accelerator.is_local_main_process)
     data_iter = iter(active)
     while global_step < args.max_train_steps:
+        if full_loader is not None and global_step >= full_from and active is not full_loader:
+            active = full_loader
+            data_iter = iter(active)
+            accelerator.print(f"step {global_step}: switching to uncropped {args.resolution}px layers")
         try:
             batch = next(data_iter)
         except StopIteration:
-            data_iter = iter(loader)
+            data_iter = iter(active if active is full_loader else loader)
             batch = next(data_iter)
         rgba = batch["rgba"].to(accelerator.device)
         with accelerator.accumulate(encoder, decoder):

@@ -68,7 +68,7 @@ def build_vae(args) -> AutoencoderKL:
         in_channels=3, out_channels=3, latent_channels=args.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block,
-        norm_num_groups=16, sample_size=args.resolution, scaling_factor=1.0,
+        norm_num_groups=min(16, min(args.block_out_channels)), sample_size=args.resolution, scaling_factor=1.0,
     )
 
 

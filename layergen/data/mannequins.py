@@ -164,6 +164,46 @@ class PartSet:
         self.cut_c = f32([c[2] for c in cuts]) if cuts else None
         self.colours = f32([pt.colour for pt in self.parts])
 
+    def sample_surface(self, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`num` points on the parts' surfaces, parts chosen by (approximate) area.
+
+        Cut-away sides and parts hidden inside others are sampled too: they are still
+        near the body, which is all the fitting needs.
+        """
+        areas = []
+        for pt in self.parts:
+            if pt.kind == "capsule":
+                r = 0.5 * (pt.params["ra"] + pt.params["rb"])
+                L = float(np.linalg.norm(np.asarray(pt.params["b"]) - np.asarray(pt.params["a"])))
+                areas.append(2 * math.pi * r * L + 4 * math.pi * r * r)
+            else:
+                a, b, c = (float(x) for x in pt.params["radii"])
+                areas.append(4 * math.pi * (((a * b) ** 1.6 + (a * c) ** 1.6 + (b * c) ** 1.6) / 3) ** (1 / 1.6))
+        probs = torch.tensor(areas) / sum(areas)
+        which = torch.multinomial(probs, num, replacement=True, generator=generator)
+        dirs = torch.randn(num, 3, generator=generator)
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        h = torch.rand(num, generator=generator)
+        out = torch.empty(num, 3)
+        for j, pt in enumerate(self.parts):
+            sel = (which == j).nonzero(as_tuple=True)[0]
+            if not sel.numel():
+                continue
+            prm = pt.params
+            if pt.kind == "capsule":
+                a = torch.as_tensor(np.asarray(prm["a"], np.float32))
+                ba = torch.as_tensor(np.asarray(prm["b"], np.float32)) - a
+                ax = ba / ba.norm()
+                d = dirs[sel] - (dirs[sel] @ ax)[:, None] * ax
+                d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+                r = prm["ra"] + (prm["rb"] - prm["ra"]) * h[sel]
+                out[sel] = a + h[sel, None] * ba + r[:, None] * d
+            else:
+                rot = torch.as_tensor(np.asarray(prm.get("rot", np.eye(3)), np.float32))
+                local = dirs[sel] * torch.as_tensor(np.asarray(prm["radii"], np.float32))
+                out[sel] = torch.as_tensor(np.asarray(prm["c"], np.float32)) + local @ rot
+        return out
+
     def distances(self, p: torch.Tensor) -> torch.Tensor:
         n = p.shape[0]
         cols = []
@@ -510,32 +550,32 @@ def sample_mannequin(seed: int, garments=None, pose: str | None = None, hat_prob
 
 
 def sample_training_points(m: Mannequin, layer, num_points: int, generator: torch.Generator | None = None,
-                           near_surface: float = 0.7, noise: float = 0.02) -> dict:
-    """3D supervision for fitting: points (N, 3) with ground-truth opacity and colour.
+                           near_surface: float = 0.5, in_box: float = 0.3, noise=(0.008, 0.03)) -> dict:
+    """3D supervision for fitting: points (N, 3) with ground-truth density and colour.
 
-    A `near_surface` fraction lies close to the surface (found by rejection from a dense
-    uniform draw, then jittered by `noise`), the rest uniform in the box. Targets:
-    `alpha` = 1 - exp(-sigma * REF_STEP) (bounded, well-conditioned) and shaded `rgb`,
-    with `surface` flagging points within 0.03 of the surface (colour is only defined
-    there: rendering never sees the inside).
+    A `near_surface` fraction is drawn on the layer's primitives and jittered (half with
+    each std in `noise`), an `in_box` fraction uniformly in the mannequin's bounding box
+    (where tri-plane "ghosts" appear: points whose three projections all land on the
+    body), the rest uniformly in the scene box. Targets: `sigma`, `alpha` =
+    1 - exp(-sigma * REF_STEP) (bounded: what one render step sees) and shaded `rgb`, with
+    `surface` flagging points within 0.03 of the surface (only there is colour ever seen).
     """
-    g = generator
+    k = m._resolve_layer(layer)
+    comps = m._components(k)
     n_surf = int(num_points * near_surface)
-    found, need = [], n_surf
-    for _ in range(20):
-        cand = torch.rand(max(4 * need, 4096) * 8, 3, generator=g) * 2 - 1
-        d = m.evaluate(cand, layer, shading=False)["sdf"]
-        keep = cand[d.abs() < 0.04]
-        found.append(keep[:need])
-        need -= found[-1].shape[0]
-        if need <= 0:
-            break
-    surf = torch.cat(found)[:n_surf]
-    surf = surf + torch.randn(surf.shape, generator=g) * noise
-    uni = torch.rand(num_points - surf.shape[0], 3, generator=g) * 2 - 1
-    pts = torch.cat([surf, uni]).clamp(-1, 1)
-    gt = m.evaluate(pts, layer)
-    return {"points": pts, "alpha": 1 - torch.exp(-gt["sigma"] * REF_STEP), "rgb": gt["rgb"],
+    counts = torch.tensor([len(ps.parts) for ps, _ in comps], dtype=torch.float32)
+    per = torch.multinomial(counts / counts.sum(), n_surf, replacement=True, generator=generator).bincount(
+        minlength=len(comps))
+    surf = torch.cat([ps.sample_surface(int(c), generator) for (ps, _), c in zip(comps, per.tolist()) if c])
+    std = torch.where(torch.rand(n_surf, generator=generator) < 0.5, noise[0], noise[1])
+    surf = surf + torch.randn(surf.shape, generator=generator) * std[:, None]
+    n_box = int(num_points * in_box)
+    bmin, bmax = (torch.tensor(b) for b in body_box(m))
+    boxed = bmin + (bmax - bmin) * torch.rand(n_box, 3, generator=generator)
+    uni = torch.rand(num_points - n_surf - n_box, 3, generator=generator) * 2 - 1
+    pts = torch.cat([surf, boxed, uni]).clamp(-1, 1)
+    gt = m.evaluate(pts, k)
+    return {"points": pts, "sigma": gt["sigma"], "alpha": 1 - torch.exp(-gt["sigma"] * REF_STEP), "rgb": gt["rgb"],
             "surface": (gt["sdf"].abs() < 0.03).float(), "label": gt["label"]}
 
 

@@ -104,7 +104,7 @@ def initial_foreground(image: np.ndarray, threshold: float) -> np.ndarray:
     gray = cv2.GaussianBlur(image.mean(-1), (0, 0), 1.0)
     angle, coherence = _structure_direction(gray, np.ones((h, w), bool))
     if coherence >= 0.5:
-        model, _ = fit_profile(image, np.ones((h, w), bool), angle)
+        model = StructureFill(min_coherence=0.5, max_error=np.inf).model(image, np.zeros((h, w), bool))
         fg = residual(image, model) > threshold
         if fg.mean() < 0.6:
             return dilate(fg, 1)
@@ -119,7 +119,7 @@ def initial_foreground(image: np.ndarray, threshold: float) -> np.ndarray:
 
 def fit_background(image: np.ndarray, completer: BackgroundCompleter | None = None, threshold: float = 0.08,
                    iterations: int = 4, min_border_fit: float = 0.85, init: np.ndarray | None = None,
-                   ) -> BackgroundModel:
+                   max_holdout_error: float = 0.04) -> BackgroundModel:
     """Iteratively fit a background that ignores objects: fill the outliers, re-detect, repeat.
 
     Why iterate: the first fit is pulled towards the objects; each round
@@ -147,7 +147,31 @@ def fit_background(image: np.ndarray, completer: BackgroundCompleter | None = No
     b = max(1, min(h, w) // 25)
     border[:b], border[-b:], border[:, :b], border[:, -b:] = True, True, True, True
     flat = bool((~fg[border]).mean() >= min_border_fit and (~fg).mean() >= 0.3)
+    if flat:
+        flat = holdout_error(image, fg, completer) <= max_holdout_error
     return BackgroundModel(bg, fg, noise, flat)
+
+
+def holdout_error(image: np.ndarray, fg: np.ndarray, completer: BackgroundCompleter, blocks: int = 8) -> float:
+    """How well the background model predicts background it has not seen: hide a few blocks, fill, compare.
+
+    Why: designs have backgrounds a model can continue (gradients, stripes,
+    smooth textures); photos do not. Median over blocks of the mean error.
+    """
+    h, w = fg.shape
+    size = max(3, min(h, w) // 10)
+    rng = np.random.default_rng(0)
+    away = ~dilate(fg, size)
+    ys, xs = np.nonzero(away[: h - size, : w - size]) if h > size and w > size else (np.array([]), np.array([]))
+    if len(ys) == 0:
+        return np.inf
+    errs = []
+    for k in rng.choice(len(ys), size=min(blocks, len(ys)), replace=False):
+        hole = np.zeros((h, w), bool)
+        hole[ys[k]:ys[k] + size, xs[k]:xs[k] + size] = True
+        filled = completer(image, hole, ignore=fg)
+        errs.append(float(np.abs(filled - image)[hole].mean()))
+    return float(np.median(errs))
 
 
 def _split_by_colour(image: np.ndarray, component: np.ndarray, body: np.ndarray, min_area: int) -> list[np.ndarray]:

@@ -262,3 +262,54 @@ class VolumeRenderer:
         if extra is not None:
             res["extra"] = out["extra"].reshape(V, height, width, -1)
         return res
+
+
+# ----------------------------------------------------------------------------- metrics on renders
+def _on_black(rgba) -> "np.ndarray":
+    import numpy as np
+
+    x = np.asarray(rgba, np.float32)
+    if x.dtype == np.uint8 or x.max() > 1.0 + 1e-6:
+        x = x / 255.0
+    return x[..., :3] * x[..., 3:4]
+
+
+def render_mask(gt_rgba, pred_rgba, threshold: float = 0.05) -> "np.ndarray":
+    """Pixels that belong to either subject (GT or prediction): the region masked metrics use."""
+    import numpy as np
+
+    return (np.asarray(gt_rgba)[..., 3] > threshold) | (np.asarray(pred_rgba)[..., 3] > threshold)
+
+
+def masked_psnr(gt_rgba, pred_rgba) -> float:
+    """PSNR over the union of both foregrounds, colours premultiplied onto black (float RGBA in [0, 1]).
+
+    Background pixels are excluded (they would inflate PSNR); silhouette errors are not,
+    since a pixel covered by only one of the two is in the mask.
+    """
+    import numpy as np
+
+    m = render_mask(gt_rgba, pred_rgba)
+    if not m.any():
+        return float("inf")
+    mse = float(((_on_black(gt_rgba) - _on_black(pred_rgba))[m] ** 2).mean())
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def masked_ssim(gt_rgba, pred_rgba) -> float:
+    """SSIM (skimage, 7x7 windows) on the bounding box of the union foreground, on black."""
+    import numpy as np
+    from skimage.metrics import structural_similarity
+
+    m = render_mask(gt_rgba, pred_rgba)
+    if not m.any():
+        return 1.0
+    ys, xs = np.nonzero(m)
+    y0, y1 = max(ys.min() - 2, 0), min(ys.max() + 3, m.shape[0])
+    x0, x1 = max(xs.min() - 2, 0), min(xs.max() + 3, m.shape[1])
+    if y1 - y0 < 7:
+        y0, y1 = max(0, min(y0, m.shape[0] - 7)), max(y1, min(m.shape[0], y0 + 7))
+    if x1 - x0 < 7:
+        x0, x1 = max(0, min(x0, m.shape[1] - 7)), max(x1, min(m.shape[1], x0 + 7))
+    a, b = _on_black(gt_rgba)[y0:y1, x0:x1], _on_black(pred_rgba)[y0:y1, x0:x1]
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=1.0, win_size=7))

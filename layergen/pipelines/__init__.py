@@ -5,6 +5,7 @@ _EXPORTS = {
     "TransparentLayerPipeline": "pipeline_transparent_layer",
     "ForegroundOnBackgroundPipeline": "pipeline_foreground_on_background",
     "BackgroundBehindForegroundPipeline": "pipeline_background_behind_foreground",
+    "MultiLayerPipeline": "pipeline_multilayer",
     "LayerPipelineOutput": "pipeline_output",
 }
 

@@ -103,6 +103,29 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
                                 else AutoTokenizer.from_pretrained(real, local_files_only=True))
         return super().from_pretrained(path, **kwargs)
 
+    def load_layerdiffuse_unet_weights(self, path_or_state_dict, scale: float = 1.0) -> int:
+        """Fuse the UNet side of a published LayerDiffuse file (attention LoRA, conv offsets, or a
+        two-step model's offsets with a widened `conv_in`) into `self.unet`. Returns tensors changed.
+
+            pipe.load_layerdiffuse_unet_weights("layer_xl_transparent_attn.safetensors")
+        """
+        from ..models.layerdiffuse_unet import load_layerdiffuse_unet, widen_conv_in
+
+        state = path_or_state_dict
+        if not isinstance(state, dict):
+            from safetensors.torch import load_file
+
+            from ..errors import FormatError
+
+            try:
+                state = load_file(str(path_or_state_dict))
+            except Exception as exc:  # safetensors raises several types for bad files
+                raise FormatError(f"{path_or_state_dict}: not a readable safetensors file ({exc})") from exc
+        for key, value in state.items():
+            if "input_blocks.0.0.weight" in key and value.ndim == 4 and value.shape[1] > self.unet.conv_in.in_channels:
+                widen_conv_in(self.unet, value.shape[1])
+        return load_layerdiffuse_unet(self.unet, state, scale)
+
     # -- properties ----------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:

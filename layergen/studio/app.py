@@ -203,7 +203,7 @@ def render_panel(doc: Document) -> tuple:
     layer = doc.stack.layers[doc.selected] if has else None
     return (
         doc.preview(),
-        gallery,
+        gr.Gallery(value=gallery, selected_index=None if not has else len(doc) - 1 - doc.selected),
         gr.Dropdown(choices=choices, value=doc.selected if has else None),
         gr.Textbox(value=layer.name if has else "", interactive=has),
         gr.Checkbox(value=layer.visible if has else True, interactive=has),
@@ -307,7 +307,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                         dec_from_sketch = gr.Button("Add drawn boxes to the table", size="sm")
                         dec_boxes = gr.Dataframe(headers=BOX_HEADERS, datatype=["number"] * 4 + ["str"],
                                                  column_count=5, row_count=1, type="array", interactive=True,
-                                                 label="Boxes (image pixels, optional)")
+                                                 label="Boxes (image pixels, optional)", elem_id="decompose-boxes")
                         dec_btn = gr.Button("Decompose into layers", variant="primary", elem_id="decompose-button")
                     with gr.Tab("File", id="file", elem_id="tab-file"):
                         with gr.Group():
@@ -330,16 +330,16 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                         with gr.Tab(title) as tab:
                             extra_tab_slots.append(tab)
             # -- canvas -----------------------------------------------------------------------
-            with gr.Column(scale=5, min_width=320):
+            with gr.Column(scale=4, min_width=320):
                 preview = gr.Image(label="Composite", type="numpy", image_mode="RGBA", format="png",
-                                   interactive=False, height=520, buttons=["download", "fullscreen"],
+                                   interactive=False, height=460, buttons=["download", "fullscreen"],
                                    elem_id="preview")
                 with gr.Row():
                     undo_btn = gr.Button("↶ Undo", interactive=False, size="sm", min_width=60, elem_id="undo-button")
                     redo_btn = gr.Button("↷ Redo", interactive=False, size="sm", min_width=60, elem_id="redo-button")
                 status = gr.Markdown(label="Status", elem_id="status")
             # -- layers panel ---------------------------------------------------------------
-            with gr.Column(scale=3, min_width=280, elem_id="layers-panel"):
+            with gr.Column(scale=4, min_width=300, elem_id="layers-panel"):
                 gallery = gr.Gallery(label="Layers (top first) — click to select", format="png", columns=3,
                                      height=250, allow_preview=False, object_fit="contain", interactive=False,
                                      elem_id="layers-gallery")

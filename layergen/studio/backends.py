@@ -185,7 +185,7 @@ class LayerBackend:
         if content is None:  # an empty layer: keep the new one where the generator put it
             return new
         x0, y0, x1, y1 = content
-        return fit_into_box(new, Box(old.x + x0, old.y + y0, old.x + x1, old.y + y1), name=old.name)
+        return fit_into_box(new, Box(old.x + x0, old.y + y0, old.x + x1, old.y + y1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +413,14 @@ def _to_layers(output) -> list[Layer]:
     raise LayergenError(f"cannot read layers from a pipeline output of type {type(output).__name__}")
 
 
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _call_with_supported(fn, **kwargs):
     """Call `fn` with the keyword arguments its signature accepts (pipelines differ in optional inputs)."""
     try:
@@ -451,11 +459,12 @@ class PipelineBackend(LayerBackend):
         pipe = self.conditioned.get(condition.kind, self.generator) if condition is not None else self.generator
         if pipe is None:
             return self.fallback.generate_layer(prompt, seed, width, height, condition)
-        import torch
-
         kwargs = dict(prompt=prompt, width=int(width), height=int(height),
-                      generator=torch.Generator("cpu").manual_seed(int(seed)),
                       num_inference_steps=self.num_inference_steps)
+        if _accepts(pipe, "generator"):
+            import torch
+
+            kwargs["generator"] = torch.Generator("cpu").manual_seed(int(seed))
         if condition is not None:
             # `background_image=` for "a foreground on this background", `foreground_image=` for the reverse.
             kwargs[f"{condition.kind}_image"] = condition.image
@@ -490,21 +499,23 @@ MINI_DECOMPOSER = "layergen-mini-decomposer"
 
 def _load_generator(model: str | None):
     from .. import mini
+
+    path = mini.check_model_dir(model) if model else mini.mini_path()  # cheap checks before heavy imports
     from ..pipelines import TransparentLayerPipeline
 
-    path = mini.check_model_dir(model) if model else mini.mini_path()
     return TransparentLayerPipeline.from_pretrained(path)
 
 
 def _load_decomposer(model: str | None):
     from .. import mini
+
+    path = mini.check_model_dir(model) if model else mini.ASSETS / MINI_DECOMPOSER
     from ..pipelines.pipeline_decomposition import DecompositionPipeline
 
     if model:
-        return DecompositionPipeline.from_pretrained(mini.check_model_dir(model)), str(model)
-    folder = mini.ASSETS / MINI_DECOMPOSER
-    if folder.is_dir():
-        return DecompositionPipeline.from_pretrained(folder), "mini"
+        return DecompositionPipeline.from_pretrained(path), str(model)
+    if path.is_dir():
+        return DecompositionPipeline.from_pretrained(path), "mini"
     return DecompositionPipeline(), "classical"
 
 

@@ -286,7 +286,10 @@ class Document:
         if len(name) > 200:
             raise LayerError("a layer name can be at most 200 characters")
         with self.edit("Rename layer"):
-            self.stack.layers[i].name = name
+            layer = self.stack.layers[i]
+            if layer.name != name:
+                layer.name = name
+                layer.metadata["renamed"] = True  # a repaint keeps a name the user chose
             self.selected = i
 
     def set_visible(self, index: int | None, visible: bool) -> None:
@@ -393,15 +396,21 @@ class Document:
 
     def replace_pixels(self, index: int | None, new: Layer, label: str = "Repaint layer") -> None:
         """Swap in new content for one layer (repaint): pixels, position and provenance change;
-        name, visibility, opacity and blend mode stay as the user set them; all other layers stay untouched."""
+        visibility, opacity, blend mode and a name the user typed stay; all other layers stay untouched."""
         i = self.resolve(index)
         if not isinstance(new, Layer):
             raise TypeError(f"expected a Layer, got {type(new).__name__}")
         with self.edit(label):
             layer = self.stack.layers[i]
+            renamed = layer.metadata.get("renamed", False)
             layer.pixels = np.ascontiguousarray(new.pixels.copy())
             layer.x, layer.y = new.x, new.y
             layer.metadata = _copy.deepcopy(new.metadata)
+            if renamed:
+                layer.metadata["renamed"] = True
+            elif new.name and new.name != "Layer":
+                others = set(self.stack.names()[:i] + self.stack.names()[i + 1:])
+                layer.name = new.name if new.name not in others else self._unique_name(new.name)
             self.selected = i
 
     # -- views ------------------------------------------------------------------

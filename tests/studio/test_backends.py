@@ -115,7 +115,7 @@ class FakeGenerator:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, prompt, width, height, generator=None, background_image=None):
+    def __call__(self, prompt, width, height, background_image=None):  # no `generator`: keeps torch unimported
         self.calls.append(dict(prompt=prompt, width=width, height=height, background_image=background_image))
         pix = np.zeros((height, width, 4), np.uint8)
         pix[2:6, 2:6] = (10, 20, 30, 255)
@@ -151,8 +151,28 @@ def test_pipeline_backend_adapts_calls():
     assert dec.boxes == [(1, 2, 8, 8)] and len(stack) == 1  # the pipeline takes (x, y, w, h)
 
 
-def test_default_backends_fall_back_or_fail_loudly(tmp_path):
-    backend = default_backends()  # no bundled weights here -> still usable
-    assert backend.generate_layer("a red star", 0, 64, 64).pixels.shape[2] == 4
-    with pytest.raises(LayergenError, match="cannot load the layer model"):
+def test_default_backends_fall_back_or_fail_loudly(tmp_path, monkeypatch):
+    from layergen.errors import ModelNotFoundError
+    from layergen.studio import backends as mod
+
+    def missing(model):
+        raise ModelNotFoundError("bundled model is missing")
+
+    monkeypatch.setattr(mod, "_load_generator", missing)
+    monkeypatch.setattr(mod, "_load_decomposer", missing)
+    backend = default_backends()  # no weights at all -> the procedural backend, still fully usable
+    assert isinstance(backend, ProceduralBackend)
+    assert backend.generate_layer("a red star", 0, 64, 64).kind == "instance"
+
+    monkeypatch.setattr(mod, "_load_decomposer", lambda model: (FakeDecomposer(), "classical"))
+    backend = default_backends()  # a decomposer but no generator: layers fall back, decomposition does not
+    assert isinstance(backend, PipelineBackend) and "layers: procedural" in backend.description
+    assert backend.generate_layer("a red star", 0, 64, 64).metadata["backend"] == "procedural"
+    assert len(backend.decompose(np.zeros((8, 8, 3), np.uint8))) == 1
+
+    monkeypatch.undo()
+    with pytest.raises(LayergenError, match="cannot load the layer model"):  # an explicit path must load
         default_backends(model=str(tmp_path / "missing"))
+    monkeypatch.setattr(mod, "_load_generator", missing)
+    with pytest.raises(LayergenError, match="cannot load the decomposition model"):
+        default_backends(decompose_model=str(tmp_path))  # a folder without model_index.json

@@ -91,6 +91,19 @@ def test_failed_edit_leaves_document_untouched(doc):
     assert doc.stack == before and doc.undo_label == "Add layer"
 
 
+def test_repaint_takes_new_name_unless_user_renamed(doc):
+    doc.replace_pixels(1, solid(3, 3, (9, 9, 9, 255), name="grey square"))
+    assert doc.stack.names() == ["bg", "grey square", "green"]
+    doc.rename(1, "Hero")
+    doc.replace_pixels(1, solid(3, 3, (7, 7, 7, 255), name="green"))
+    assert doc.stack.names() == ["bg", "Hero", "green"] and doc.stack[1].pixels[0, 0, 0] == 7
+    for _ in range(2):  # back to before the rename
+        doc.undo()
+    assert doc.stack.names() == ["bg", "grey square", "green"]
+    doc.replace_pixels(1, solid(3, 3, (7, 7, 7, 255), name="green"))
+    assert doc.stack.names() == ["bg", "green 2", "green"]  # names stay unique
+
+
 def test_merge_down_matches_composite_and_selects_result(doc):
     before = doc.stack.composite()
     doc.merge_down(2)

@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""Train the mini action-domain text-to-image UNet (figures of `layergen.data.figures`).
+
+Captions name the subject and the background ("a red cat in a meadow") and, at random, the
+verb of a *seen* action ("a red cat sitting in a meadow"). Held-out actions
+(`HELDOUT_ACTIONS`: jump, wave, kick, bow) are rendered in the training images but never
+named, so the trained model can draw them yet no prompt reaches them: an action can enter
+only through a learned identifier (`train_action_identifier.py`). That is what makes the
+ADI benchmark (`benchmarks/actions.py`) meaningful.
+
+Latents and text embeddings are computed once into a cache, so a step costs one UNet
+forward/backward. Min-SNR loss weighting (Hang et al. 2023) speeds up convergence.
+
+    accelerate launch training/train_action_base.py --vae assets/layergen-mini/vae \\
+        --output_dir runs/action_base --max_train_steps 3000
+
+Resume with `--resume_from_checkpoint latest`. The final pipeline folder (EMA weights) is
+written to `<output_dir>/pipeline`, loadable with `ActionPipeline.from_pretrained`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure,
+                                   subject_caption)
+from layergen.training_utils import resume_step, save_checkpoint, save_image_grid
+
+logger = logging.getLogger(__name__)
+
+
+def validation_prompts() -> list[str]:
+    cols, bgs = list(FIGURE_COLOURS), list(FIGURE_BACKGROUNDS)
+    return [subject_caption(SPECIES[i % 4], cols[(i * 5) % len(cols)], bgs[i % len(bgs)]) for i in range(6)] + [
+        "a blue cat sitting in the snow", "a red robot running on a beach"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the mini action-domain text-to-image UNet.")
+    p.add_argument("--vae", required=True, help="Frozen base AutoencoderKL folder.")
+    p.add_argument("--vae_link", default=None,
+                   help="Write the saved pipeline's vae/ as a link to this path (relative to vae/, e.g. "
+                        "'../../vae') instead of a copy of the weights.")
+    p.add_argument("--text_encoder", default="packaged",
+                   help="Text encoder folder (transformers), or 'packaged' for the offline all-MiniLM-L6-v2.")
+    p.add_argument("--tokenizer_max_length", type=int, default=32)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--num_samples", type=int, default=6000, help="Size of the cached training set.")
+    p.add_argument("--action_word_prob", type=float, default=0.5,
+                   help="How often a caption names the action (seen actions only; held-out ones never).")
+    p.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--layers_per_block", type=int, default=1)
+    p.add_argument("--attention_head_dim", type=int, default=8)
+    p.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction"])
+    p.add_argument("--min_snr_gamma", type=float, default=5.0, help="0 disables min-SNR weighting.")
+    p.add_argument("--train_batch_size", type=int, default=32)
+    p.add_argument("--max_train_steps", type=int, default=3000)
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--caption_dropout", type=float, default=0.1)
+    p.add_argument("--use_ema", action="store_true")
+    p.add_argument("--ema_decay", type=float, default=0.995)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--checkpointing_steps", type=int, default=250)
+    p.add_argument("--checkpoints_total_limit", type=int, default=2)
+    p.add_argument("--resume_from_checkpoint", default=None)
+    p.add_argument("--validation_steps", type=int, default=500)
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--report_to", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not 0 < args.num_samples < HELDOUT_SEED_START:
+        p.error("--num_samples must be positive and below the held-out seed range")
+    return args
+
+
+def load_text_encoder(spec: str, max_length: int):
+    from transformers import AutoModel, AutoTokenizer
+
+    from layergen.mini import packaged_text_encoder_path
+
+    path = packaged_text_encoder_path() if spec == "packaged" else Path(spec)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, model_max_length=max_length)
+    enc = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+    return tok, enc, path
+
+
+@torch.no_grad()
+def embed_texts(tokenizer, encoder, texts, batch=64):
+    out = []
+    for i in range(0, len(texts), batch):
+        t = tokenizer(texts[i:i + batch], padding="max_length", max_length=tokenizer.model_max_length,
+                      truncation=True, return_tensors="pt")
+        out.append(encoder(t.input_ids, attention_mask=t.attention_mask)[0].half())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def build_cache(args, vae, tokenizer, text_encoder, accelerator):
+    """Latents of `num_samples` figures (seeds 0..N-1) and embeddings of both caption variants."""
+    path = Path(args.output_dir) / f"cache-{args.num_samples}-{args.resolution}.pt"
+    if path.exists():
+        return torch.load(path)
+    lat, plain, verbed, actions = [], [], [], []
+    bs = 32
+    for start in tqdm(range(0, args.num_samples, bs), desc="caching latents",
+                      disable=not accelerator.is_local_main_process):
+        figs = [make_figure(s, args.resolution) for s in range(start, min(start + bs, args.num_samples))]
+        rgb = torch.from_numpy(np.stack([f.image for f in figs])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        lat.append((vae.encode(rgb).latent_dist.mean * vae.config.scaling_factor).half())
+        plain += [f.caption(with_action=False) for f in figs]
+        verbed += [f.caption(with_action=True) for f in figs]
+        actions += [f.action for f in figs]
+    captions = sorted(set(plain + verbed) | {""})
+    index = {c: i for i, c in enumerate(captions)}
+    cache = {"latents": torch.cat(lat), "captions": captions, "text": embed_texts(tokenizer, text_encoder, captions),
+             "plain": torch.tensor([index[c] for c in plain]), "verbed": torch.tensor([index[c] for c in verbed]),
+             "actions": actions}
+    torch.save(cache, path)
+    return cache
+
+
+def build_unet(args, cross_attention_dim: int, latent_channels: int, sample_size: int) -> UNet2DConditionModel:
+    n = len(args.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+        layers_per_block=args.layers_per_block, block_out_channels=tuple(args.block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=args.attention_head_dim,
+        norm_num_groups=min(32, args.block_out_channels[0] // 2))
+
+
+def snr_weights(scheduler, t, prediction_type: str, gamma: float) -> torch.Tensor:
+    if gamma <= 0:
+        return torch.ones_like(t, dtype=torch.float)
+    ac = scheduler.alphas_cumprod.to(t.device)[t]
+    snr = ac / (1 - ac)
+    w = torch.clamp(snr, max=gamma)
+    return w / (snr + 1) if prediction_type == "v_prediction" else w / snr
+
+
+def make_pipeline(unet, vae, tokenizer, text_encoder, scheduler_config):
+    from layergen.pipelines.pipeline_action import ActionPipeline
+
+    pipe = ActionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                          scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def log_validation(unet, vae, tokenizer, text_encoder, scheduler_config, path, steps=20):
+    pipe = make_pipeline(unet, vae, tokenizer, text_encoder, scheduler_config)
+    out = pipe(validation_prompts(), num_inference_steps=steps, seed=0, output_type="np")
+    save_image_grid(list(out.images), path, cols=8)
+
+
+def save_pipeline(args, unet, vae, tokenizer, text_path, scheduler_config, dest: Path):
+    from layergen.atomic import atomic_dir
+    from layergen.mini import write_packaged_pointer
+    from layergen.pipelines.pipeline_action import LINK_FILE
+
+    pipe = make_pipeline(unet, vae, tokenizer, None, scheduler_config)
+    with atomic_dir(dest) as tmp:
+        pipe.save_pretrained(tmp)
+        if args.text_encoder == "packaged":
+            write_packaged_pointer(tmp / "text_encoder")
+        else:
+            shutil.copytree(text_path, tmp / "text_encoder", dirs_exist_ok=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["text_encoder"] = ["transformers", "BertModel"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if args.vae_link:
+            shutil.rmtree(tmp / "vae")
+            (tmp / "vae").mkdir()
+            (tmp / "vae" / LINK_FILE).write_text(json.dumps({"path": args.vae_link, "class": "AutoencoderKL"}))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, log_with=args.report_to)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
+    tokenizer, text_encoder, text_path = load_text_encoder(args.text_encoder, args.tokenizer_max_length)
+    with accelerator.main_process_first():
+        cache = build_cache(args, vae, tokenizer, text_encoder, accelerator)
+
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = build_unet(args, text_encoder.config.hidden_size, vae.config.latent_channels, args.resolution // f)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                    beta_end=0.012, prediction_type=args.prediction_type, clip_sample=False)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=unet.config) if args.use_ema else None
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=1e-2)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    global_step = resume_step(accelerator, out, args.resume_from_checkpoint)
+
+    gen = torch.Generator().manual_seed(args.seed * 1000 + global_step * accelerator.num_processes
+                                        + accelerator.process_index)
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="action-base",
+                    disable=not accelerator.is_local_main_process)
+    n = cache["latents"].shape[0]
+    empty = cache["captions"].index("")
+    unet.train()
+    while global_step < args.max_train_steps:
+        b = args.train_batch_size
+        idx = torch.randint(0, n, (b,), generator=gen)
+        verb = torch.rand(b, generator=gen) < args.action_word_prob
+        cap = torch.where(verb, cache["verbed"][idx], cache["plain"][idx])
+        cap = torch.where(torch.rand(b, generator=gen) < args.caption_dropout, torch.full_like(cap, empty), cap)
+        target = cache["latents"][idx].float().to(accelerator.device)
+        text = cache["text"][cap].float().to(accelerator.device)
+        noise = torch.randn(target.shape, generator=gen).to(target)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=gen).to(target.device)
+        noisy = noise_scheduler.add_noise(target, noise, t)
+        goal = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(target, noise, t)
+        with accelerator.accumulate(unet):
+            pred = unet(noisy, t, encoder_hidden_states=text).sample
+            per = F.mse_loss(pred.float(), goal.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (per * snr_weights(noise_scheduler, t, args.prediction_type, args.min_snr_gamma)).mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_sched.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            if ema is not None:
+                ema.step(unet.parameters())
+            global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{accelerator.gather(per.detach()).mean().item():.4f}")
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+                eval_unet = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
+                if ema is not None:
+                    ema.copy_to(eval_unet.parameters())
+                log_validation(eval_unet, vae, tokenizer, text_encoder, noise_scheduler.config,
+                               out / f"validation-{global_step}.png")
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        save_pipeline(args, final, vae, tokenizer, text_path, noise_scheduler.config, out / "pipeline")
+        log_validation(final, vae, tokenizer, text_encoder, noise_scheduler.config, out / "validation-final.png")
+        accelerator.print(f"saved {out / 'pipeline'}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
