@@ -218,4 +218,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from layergen.errors import LayergenError
+
+    try:
+        main()
+    except LayergenError as exc:  # e.g. the bundled model is missing: say what to pass, no traceback
+        print(f"generation benchmark: error: {exc}", file=sys.stderr)
+        sys.exit(2)

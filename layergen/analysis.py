@@ -39,6 +39,7 @@ from .data.scenes import COLOURS, EXTRA_SHAPES, SHAPES, shape_mask
 NORM_SIZE = 40  # side of the normalised mask compared with the templates
 TEMPLATE_ANGLES = tuple(range(-30, 31, 3))  # degrees; the renderer draws -15..15, the margin absorbs model drift
 NO_OBJECT = "none"
+MIN_AREA = 16  # pixels: smaller bodies are reported as "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +131,9 @@ def _normalise(mask: np.ndarray, size: int = NORM_SIZE) -> np.ndarray | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _templates(shapes: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Normalised template masks of every shape at every angle in `TEMPLATE_ANGLES` (N x S x S bool)."""
+def _templates(shapes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Normalised templates of every shape at every angle in `TEMPLATE_ANGLES`: (N x S*S float32 masks,
+    their areas, their shape names)."""
     masks, names = [], []
     canvas, r = 4 * NORM_SIZE, 1.5 * NORM_SIZE
     for shape in shapes:
@@ -139,18 +141,17 @@ def _templates(shapes: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
             m = shape_mask(shape, canvas, canvas / 2, canvas / 2, r, math.radians(deg)) >= 0.5
             norm = _normalise(m)
             if norm is not None:
-                masks.append(norm)
+                masks.append(norm.reshape(-1))
                 names.append(shape)
-    return np.stack(masks), tuple(names)
+    flat = np.stack(masks).astype(np.float32)
+    return flat, flat.sum(1), tuple(names)
 
 
 def _best_template(norm: np.ndarray, shapes: tuple[str, ...]) -> tuple[str, float]:
-    temps, names = _templates(shapes)
-    flat_t = temps.reshape(len(temps), -1)
-    flat_m = norm.reshape(1, -1)
-    inter = (flat_t & flat_m).sum(1)
-    union = (flat_t | flat_m).sum(1)
-    iou = inter / np.maximum(union, 1)
+    temps, areas, names = _templates(shapes)
+    m = norm.reshape(-1).astype(np.float32)
+    inter = temps @ m
+    iou = inter / np.maximum(areas + m.sum() - inter, 1.0)
     k = int(np.argmax(iou))
     return names[k], float(iou[k])
 
@@ -172,28 +173,43 @@ def match_shape(alpha, include_extra: bool = True, rgb=None) -> ShapeMatch:
     arr = np.asarray(alpha)
     if rgb is None and arr.ndim == 3 and arr.shape[2] == 4:
         rgb = _as_rgba(arr)[..., :3]
-    a = _as_alpha(arr)
+    full = _as_alpha(arr)
     shapes = SHAPES + (EXTRA_SHAPES if include_extra else ())
-    level = body_level(a)
-    best = ShapeMatch(NO_OBJECT, 0.0, np.zeros(a.shape, bool), 1.0)
+    level = body_level(full)
+    best = ShapeMatch(NO_OBJECT, 0.0, np.zeros(full.shape, bool), 1.0)
     if level <= 0.0:
         return best
-    same_colour = _same_colour_as_plateau(a, level, rgb) if rgb is not None else None
+    ys, xs = np.nonzero(full >= 0.1)  # work on the visible region only (+1 px so holes stay holes)
+    y0, y1 = max(0, ys.min() - 1), min(full.shape[0], ys.max() + 2)
+    x0, x1 = max(0, xs.min() - 1), min(full.shape[1], xs.max() + 2)
+    a = full[y0:y1, x0:x1]
+    same_colour = None
+    if rgb is not None:
+        same_colour = _same_colour_as_plateau(a, level, np.asarray(rgb)[y0:y1, x0:x1])
     thresholds = sorted({round(f * level, 3) for f in (0.35, 0.5, 0.7, 0.85)} | {0.5, 0.8})
+    min_area = max(MIN_AREA, 0.15 * float((a >= 0.1).sum()))  # a speck of rim or noise is not the body
+    seen = []
     for t in thresholds:  # ascending; ties go to the higher threshold (the more conservative body)
         if t > a.max() or t < 0.1:
             continue
         above = a >= t
         for cand in (above, None if same_colour is None else above & same_colour):
-            if cand is None:
+            if cand is None or any(np.array_equal(cand, s) for s in seen):
                 continue
+            seen.append(cand)
             mask = _main_component(_fill_small_holes(cand))
+            if mask.sum() < min_area:
+                continue
             norm = _normalise(mask)
             if norm is None:
                 continue
             name, iou = _best_template(norm, shapes)
             if iou >= best.confidence:
                 best = ShapeMatch(name, iou, mask, t)
+    if best.shape != NO_OBJECT:
+        full_mask = np.zeros(full.shape, bool)
+        full_mask[y0:y1, x0:x1] = best.mask
+        best.mask = full_mask
     return best
 
 

@@ -18,7 +18,8 @@ layout.json schema (version 1)::
       ]
     }
 
-`prompt` and `background` may be omitted when every box has its own prompt. A box's
+`prompt` and `background` are optional; anonymous boxes need a global prompt at generation
+time (from the file, or PROMPT on the command line). A box's
 optional `seed` fixes that layer's noise; `name` becomes the layer name.
 
 On the command line a box is written ``"x,y,w,h:prompt"`` (the prompt part is optional, and
@@ -29,8 +30,11 @@ This module does not import torch.
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .errors import LayergenError
 
@@ -44,13 +48,17 @@ class LayoutError(LayergenError, ValueError):
 
 
 def _int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise LayoutError(f"{what} must be an integer number of pixels, got {value!r}")
-    if isinstance(value, float):
-        if not value.is_integer():
+    """Python/numpy integers, or floats holding a whole number -> int; anything else is an error."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            return int(value)
+        if isinstance(value, (float, np.floating)) and value == value:
             raise LayoutError(f"{what} must be a whole number of pixels, got {value!r}")
-        value = int(value)
-    return int(value)
+    raise LayoutError(f"{what} must be an integer number of pixels, got {value!r}")
 
 
 def _text(value, what: str) -> str | None:
@@ -179,6 +187,11 @@ class Layout:
             x0, y0, x1, y1 = b.xyxy
             if x0 < 0 or y0 < 0 or x1 > self.width or y1 > self.height:
                 raise LayoutError(f"box {i} {b.xywh} (x,y,w,h) is not inside the {self.width}x{self.height} canvas")
+        return self
+
+    def check_prompts(self) -> "Layout":
+        """Every box must get a text: its own, or a phrase of the global prompt (checked at generation time,
+        so a layout.json may leave the global prompt to the command line)."""
         if self.prompt is None and not all(b.bound for b in self.boxes):
             raise LayoutError("anonymous boxes (no prompt of their own) need a global prompt to take their "
                               "content from")

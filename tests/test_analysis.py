@@ -22,19 +22,26 @@ def held_out(n, shapes=SHAPES, offset=0):
 def test_shape_and_colour_accuracy_on_200_held_out_layers():
     objs = list(held_out(200))
     assert {(o.material, o.effect) for o in objs} == set(LOOKS) and {o.shape for o in objs} == set(SHAPES)
-    shape_ok = [classify_shape(o.rgba[..., 3])[0] == o.shape for o in objs]
-    colour_ok = [classify_colour(o.rgba) == o.colour for o in objs]
+    results = [analyse_layer(o.rgba) for o in objs]  # candidates include hexagon and arrow
+    shape_ok = [r.shape == o.shape for r, o in zip(results, objs)]
+    colour_ok = [r.colour == o.colour for r, o in zip(results, objs)]
     assert np.mean(shape_ok) >= 0.95, np.mean(shape_ok)
     assert np.mean(colour_ok) >= 0.95, np.mean(colour_ok)
     # every material/effect on its own, not just on average
     for look in LOOKS:
         sel = [ok for ok, o in zip(shape_ok, objs) if (o.material, o.effect) == look]
-        assert np.mean(sel) >= 0.85, (look, np.mean(sel))
+        assert np.mean(sel) >= 0.9, (look, np.mean(sel))
+    # the public one-purpose functions agree with analyse_layer
+    for o, r in list(zip(objs, results))[:24]:
+        assert classify_shape(o.rgba)[0] == r.shape and classify_colour(o.rgba) == r.colour
+    # alpha alone (no colour to tell a glass body from its glow) still clears the bar
+    alpha_only = [classify_shape(o.rgba[..., 3])[0] == o.shape for o in objs]
+    assert np.mean(alpha_only) >= 0.95, np.mean(alpha_only)
 
 
 def test_extra_shapes_hexagon_and_arrow_are_recognised():
     objs = list(held_out(40, shapes=EXTRA_SHAPES, offset=5000))
-    acc = np.mean([classify_shape(o.rgba[..., 3])[0] == o.shape for o in objs])
+    acc = np.mean([classify_shape(o.rgba)[0] == o.shape for o in objs])
     assert acc >= 0.9, acc
     # and they can be switched off: a hexagon then maps to one of the 8 base shapes
     name, _ = classify_shape(objs[0].rgba[..., 3], include_extra=False)
@@ -56,7 +63,7 @@ def test_robust_to_generator_like_degradation():
     rng = np.random.default_rng(0)
     objs = list(held_out(80, offset=9000))
     deg = [degrade(o.rgba, rng) for o in objs]
-    assert np.mean([classify_shape(d[..., 3])[0] == o.shape for d, o in zip(deg, objs)]) >= 0.9
+    assert np.mean([classify_shape(d)[0] == o.shape for d, o in zip(deg, objs)]) >= 0.9
     assert np.mean([classify_colour(d) == o.colour for d, o in zip(deg, objs)]) >= 0.9
 
 
@@ -86,12 +93,14 @@ def test_every_named_colour_and_its_glass_tint_and_shading():
 
 
 def test_colour_ignores_shadow_glow_and_edges():
-    # a small yellow body with a big dark shadow and a wide pink rim at partial alpha: still yellow
+    # a yellow body with a flat dark drop shadow, a white glow and a pink rim at partial alpha: still yellow
     rgba = np.zeros((64, 64, 4), np.uint8)
-    rgba[10:50, 10:50] = (0, 0, 0, 120)  # shadow, larger than the body
-    rgba[20:34, 20:34] = (240, 215, 40, 255)
-    rgba[19, 19:35] = rgba[34, 19:35] = (240, 115, 185, 128)
+    rgba[14:46, 14:46] = (245, 245, 245, 90)  # glow
+    rgba[26:46, 26:46] = (0, 0, 0, 120)  # shadow
+    rgba[20:40, 20:40] = (240, 215, 40, 255)
+    rgba[19, 19:41] = rgba[40, 19:41] = (240, 115, 185, 128)
     assert classify_colour(rgba) == "yellow"
+    assert classify_shape(rgba)[0] == "square"
 
 
 def test_empty_and_random_inputs_do_not_crash():

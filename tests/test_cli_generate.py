@@ -173,6 +173,12 @@ def test_errors_are_one_line_exit_2_and_leave_no_file(model_dir, plain_model_dir
     rc = cli.main(["generate", *FAST, PROMPT, "-o", str(out)])
     assert_error(capsys, rc, "--model")
     assert listing(work) == before, "no output and no temporary file left behind"
+    half = tmp_path / "half-mini"
+    (half / "vae").mkdir(parents=True)  # a bundled folder still being filled in
+    monkeypatch.setattr("layergen.mini.MINI_PATH", half)
+    rc = cli.main(["generate", *FAST, PROMPT, "-o", str(out)])
+    assert_error(capsys, rc, "incomplete", "--model")
+    assert listing(work) == before
 
 
 def test_help_lists_modes_and_flags(capsys):

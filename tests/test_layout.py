@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from layergen import LayergenError
@@ -44,8 +45,10 @@ def test_layout_validation():
     with pytest.raises(LayoutError, match=f"at most {MAX_LAYERS}"):
         Layout(64, 64, [Box(0, 0, 1, 1, prompt="x")] * (MAX_LAYERS + 1))
     assert len(Layout(64, 64, [Box(i % 8 * 8, i // 8 * 8, 8, 8, prompt="x") for i in range(64)])) == 64
+    anonymous = Layout(64, 64, [Box(0, 0, 5, 5)])  # a layout.json may leave the prompt to the command line
     with pytest.raises(LayoutError, match="global prompt"):
-        Layout(64, 64, [Box(0, 0, 5, 5)])
+        anonymous.check_prompts()
+    assert Layout(64, 64, [Box(0, 0, 5, 5)], prompt="a star").check_prompts()
     with pytest.raises(LayoutError, match="canvas"):
         Layout(0, 64, [Box(0, 0, 5, 5, prompt="x")])
 
@@ -83,3 +86,63 @@ def test_load_errors_are_clear_and_name_the_file(tmp_path, payload, match):
     with pytest.raises(LayoutError, match=match) as info:
         load_layout(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+# -- the CLI: `layergen generate --box ... / --layout layout.json` ----------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from layergen.pipelines import TransparentLayerPipeline
+    from layergen.testing import tiny_layer_components
+
+    path = tmp_path_factory.mktemp("tiny") / "pipe"
+    TransparentLayerPipeline(**tiny_layer_components()).save_pretrained(path)
+    return path
+
+
+def generate(model_dir, *args):
+    from layergen import cli
+
+    return cli.main(["generate", "--model", str(model_dir), "--steps", "1", "--no-tta", "--quiet", *map(str, args)])
+
+
+def test_cli_boxes_make_a_layered_document(model_dir, tmp_path, capsys):
+    from layergen.layers import load
+
+    out = tmp_path / "scene.psd"
+    rc = generate(model_dir, "a red star and a blue ring on a sky", "-o", out, "--box", "2,2,12,12",
+                  "--box", "14,14,16,16:a green heart", "--seed", "4")
+    assert rc == 0 and f"wrote {out} (3 layers, 32x32" in capsys.readouterr().out
+    stack = load(out)
+    assert [l.metadata.get("prompt") for l in stack] == ["a sky", "a red star", "a green heart"]
+    assert [l.bbox for l in stack.layers[1:]] == [(2, 2, 14, 14), (14, 14, 30, 30)]
+    assert [l.metadata["seed"] for l in stack] == [4, 5, 6]
+
+
+def test_cli_layout_file_sets_the_canvas_and_flat_outputs_get_the_composite(model_dir, tmp_path):
+    from PIL import Image
+
+    layout = save_layout(Layout(48, 40, [Box(0, 0, 20, 20, prompt="a red star"), Box(20, 10, 20, 20)]),
+                         tmp_path / "layout.json")
+    rc = generate(model_dir, "a blue ring on a sky", "-o", tmp_path / "img.png", "--layout", layout,
+                  "--num-images", "2")
+    assert rc == 0
+    imgs = [np.asarray(Image.open(tmp_path / f"img_{k}.png")) for k in (0, 1)]
+    assert imgs[0].shape == (40, 48, 4) and (imgs[0][..., 3] == 255).all() and not np.array_equal(*imgs)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--layout", "LAYOUT", "--box", "1,1,2,2"], "cannot be combined"),
+    (["--layout", "missing.json"], "no such file"),
+    (["--box", "1,1,2"], "bad box"),
+    (["--box", "30,30,10,10"], "not inside the 32x32 canvas"),
+    (["--layout", "LAYOUT", "--size", "64"], "disagree"),
+    (["--box", "0,0,4,4"] * 65, "at most 64"),
+])
+def test_cli_layout_errors_are_one_line_and_write_nothing(model_dir, tmp_path, capsys, extra, fragment):
+    layout = save_layout(Layout(48, 40, [Box(0, 0, 20, 20, prompt="a red star")]), tmp_path / "layout.json")
+    extra = [str(layout) if e == "LAYOUT" else str(tmp_path / e) if e.endswith(".json") else e for e in extra]
+    rc = generate(model_dir, "a star", "-o", tmp_path / "out.png", *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "out.png").exists()

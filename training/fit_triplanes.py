@@ -82,11 +82,15 @@ def parse_args(argv=None):
     p.add_argument("--tv_weight", type=float, default=1e-2)
     p.add_argument("--l1_weight", type=float, default=5e-4)
     p.add_argument("--residual_l1_weight", type=float, default=2e-3)
+    p.add_argument("--residual_shrink", type=float, default=0.1,
+                   help="proximal L1 after each step: residuals shrink towards 0 by this fraction of the planes lr")
+    p.add_argument("--body_shrink", type=float, default=0.02, help="same for body planes")
     p.add_argument("--density_noise", type=float, default=0.5)
     p.add_argument("--fog_step", type=float, default=0.25,
                    help="second opacity loss at this step length: penalises faint density in empty space")
     p.add_argument("--eval_views", type=int, default=4)
     p.add_argument("--eval_joint_subjects", type=int, default=2)
+    p.add_argument("--skip_eval", action="store_true", help="merge only; keep an existing metrics.json")
     p.add_argument("--eval_size", type=int, default=64)
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
@@ -208,6 +212,20 @@ def batch_from_pools(pools, n, generator, device):
             take(pools["rgb"]).to(device), take(pools["surface"]).to(device))
 
 
+@torch.no_grad()
+def shrink_planes_(planes: torch.Tensor, lr: float, args) -> None:
+    """Proximal step of the L1 pull (soft threshold) and the [-1, 1] clamp, in place.
+
+    Adam rescales every gradient to a full step, so a plain L1 term cannot leave a texel at
+    zero; soft-thresholding after the step does. Garment residuals thus stay exactly zero
+    where the garment changes nothing: layer k keeps layer k-1's texels there.
+    """
+    for sl, frac in ((slice(0, 1), args.body_shrink), (slice(1, None), args.residual_shrink)):
+        t = planes[:, sl]
+        t.copy_(torch.sign(t) * (t.abs() - frac * lr).clamp_min(0.0))
+    clamp_planes_(planes)
+
+
 def cosine_factor(step, total, floor=0.1):
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
 
@@ -235,7 +253,7 @@ def fit_planes_only(decoder, subjects, args, accelerator, seed, desc):
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        clamp_planes_(bank.planes.data)
+        shrink_planes_(bank.planes.data, opt.param_groups[0]["lr"], args)
         if step % 20 == 0:
             bar.set_postfix(alpha=f"{out['alpha'].item():.4f}", rgb=f"{out['rgb'].item():.4f}")
     return bank.planes.detach().cpu(), present
@@ -323,7 +341,7 @@ def main(argv=None):
             accelerator.backward(res["loss"])
             opt.step()
             opt.zero_grad(set_to_none=True)
-            clamp_planes_(accelerator.unwrap_model(model).bank.planes.data)
+            shrink_planes_(accelerator.unwrap_model(model).bank.planes.data, opt.param_groups[1]["lr"], args)
             if step % 20 == 0:
                 bar.set_postfix(alpha=f"{res['alpha'].item():.4f}", rgb=f"{res['rgb'].item():.4f}")
             if (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.joint_steps:
@@ -341,11 +359,14 @@ def main(argv=None):
     # ---- phase B: planes only, in groups (new training subjects, then held-out subjects)
     new_seeds = list(range(args.new_subject_seed_start, args.new_subject_seed_start + args.num_new_subjects))
     eval_seeds = list(range(HELDOUT_SEED_START, HELDOUT_SEED_START + args.num_eval_subjects))
-    groups = [("train", new_seeds[i:i + args.group_size]) for i in range(0, len(new_seeds), args.group_size)]
-    groups += [("heldout", eval_seeds[i:i + args.group_size]) for i in range(0, len(eval_seeds), args.group_size)]
+    groups = [("train", j, new_seeds[i:i + args.group_size])
+              for j, i in enumerate(range(0, len(new_seeds), args.group_size))]
+    groups += [("heldout", j, eval_seeds[i:i + args.group_size])
+               for j, i in enumerate(range(0, len(eval_seeds), args.group_size))]
     (out / "planes").mkdir(parents=True, exist_ok=True)
-    for gi, (kind, seeds) in enumerate(groups):
-        path = out / "planes" / f"{kind}-{gi:04d}.safetensors"
+    for gi, (kind, j, seeds) in enumerate(groups):
+        # file names carry the seed range, so changing --num_new_subjects later reuses finished groups
+        path = out / "planes" / f"{kind}-{seeds[0]:07d}-{seeds[-1]:07d}.safetensors"
         if gi % accelerator.num_processes != accelerator.process_index or path.is_file():
             continue
         subjects = make_subjects(seeds, args)
@@ -365,6 +386,9 @@ def main(argv=None):
             with atomic_path(out / "triplanes.safetensors") as tmp:
                 save_file(tensors, str(tmp))
             write_text_atomic(out / "triplanes.json", json.dumps(descs, indent=1))
+        if args.skip_eval:
+            accelerator.end_training()
+            return
         metrics = {"use_shift": bool(decoder.config.use_shift), "plane_resolution": decoder.config.plane_resolution,
                    "fit_cpu_seconds": time.process_time() - t_start}
         held = sorted((out / "planes").glob("heldout-*.safetensors"))

@@ -370,7 +370,8 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
     kind = "input" if args.method == "textual_inversion" else ("shared" if args.shared_token else "layerwise")
     ident = ActionIdentifier.for_unet(pipe.unet, token, kind=kind, initializer=args.initializer_token,
                                       embedding_dim=(pipe.text_encoder.get_input_embeddings().embedding_dim
-                                                     if kind == "input" else None))
+                                                     if kind == "input" else None),
+                                      base_model=str(pipe.config.get("_name_or_path") or "") or None)
     ident.to(accelerator.device)
     states = TextStates(pipe, ident)
     prompts = [prompt_for(args.template, e.get("caption"), token) for e in exemplars]

@@ -28,7 +28,9 @@ FLAT_FORMATS = ("png", "webp")
 FORMAT_SUFFIX = {"png": ".png", "webp": ".webp", "ora": ".ora", "psd": ".psd", "zip": ".zip", "dir": ""}
 
 # mode name -> the argparse dest of the flag that selects it (plain text -> layer has no flag)
-MODE_FLAGS = {"background": "bg", "foreground": "fg"}
+MODE_FLAGS = {"background": "bg", "foreground": "fg", "layout": "layout", "boxes": "box"}
+LAYOUT_MODES = ("layout", "boxes")
+LAYOUT_SEED_STRIDE = 65  # image k of a layout run uses seed + 65 k: its background and <= 64 layers use seed .. seed + 64
 
 
 def register(subparsers) -> None:
@@ -52,7 +54,10 @@ def register(subparsers) -> None:
                "  layergen generate \"a blue ring\" -o ring.psd --bg-prompt \"a horizon with a blue sky\"\n"
                "  layergen generate \"a yellow heart\" --bg photo.jpg -o heart_on_photo.ora\n"
                "  layergen generate \"a purple and teal striped background\" --fg star.png -o scene.psd\n"
-               "  layergen generate \"a green cross\" -o cross.png --num-images 4 --seed 7  # cross_0..3.png",
+               "  layergen generate \"a green cross\" -o cross.png --num-images 4 --seed 7  # cross_0..3.png\n"
+               "  layergen generate \"a red star and a blue ring on a grey gradient background\" -o scene.psd \\\n"
+               "      --box 8,8,48,48 --box \"64,56,56,56:a blue glass ring\"     # background + 2 layers\n"
+               "  layergen generate \"a red star, a blue ring on a sky\" --layout layout.json -o scene.ora",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompt", metavar="PROMPT", help="what to generate (the layer; with --fg: the background)")
@@ -70,6 +75,15 @@ def register(subparsers) -> None:
                            f"(default: {DEFAULT_BG_PROMPT!r})")
     cond.add_argument("--no-background", action="store_true",
                       help="layered outputs hold the layer alone (no background is generated)")
+
+    lay = p.add_argument_group(
+        "layout: multi-layer generation (PROMPT is the global prompt; background + one layer per box; "
+        "a .png/.webp gets the composite; docs/multilayer.md)")
+    lay.add_argument("--layout", metavar="LAYOUT_JSON",
+                     help="the boxes (and optional per-box prompts) from a layout.json; it sets the canvas size")
+    lay.add_argument("--box", action="append", metavar="X,Y,W,H[:PROMPT]",
+                     help="one layer's box in canvas pixels, optionally with its own prompt (otherwise it takes "
+                          "a phrase of PROMPT); repeat for up to 64 layers, bottom -> top")
 
     gen = p.add_argument_group("sampling")
     gen.add_argument("--model", metavar="PATH",
@@ -217,11 +231,32 @@ def build_request(args) -> Request:
                          "(e.g. one written by 'layergen generate')")
         if not condition[..., 3].any():
             raise _error(f"--fg {args.fg}: the image is fully transparent")
+    extra = {}
+    if mode in LAYOUT_MODES:
+        extra["layout"] = read_layout(args, prompt, width, height)
     return Request(mode=mode, prompt=prompt, outputs=outputs, format=fmt, steps=args.steps,
                    guidance=float(args.guidance), seed=args.seed, negative_prompt=args.negative_prompt,
                    tta=not args.no_tta, width=width, height=height, num_images=args.num_images,
                    bg_prompt=(args.bg_prompt or "").strip() or DEFAULT_BG_PROMPT,
-                   background=not args.no_background, condition=condition)
+                   background=not args.no_background, condition=condition, extra=extra)
+
+
+def read_layout(args, prompt: str, width, height):
+    """--layout: a validated Layout (PROMPT replaces its prompt); --box: parsed boxes (the canvas is known
+    once the model is loaded, the pipeline validates them then). --bg-prompt, if given, names the background."""
+    from ..layout import Layout, load_layout, parse_box
+
+    bg = (args.bg_prompt or "").strip()
+    bg = bg if bg and bg != DEFAULT_BG_PROMPT else None
+    if args.box:
+        return {"boxes": [parse_box(b) for b in args.box], "background": bg}
+    if not Path(args.layout).is_file():
+        raise _error(f"--layout {args.layout}: no such file")
+    layout = load_layout(args.layout)
+    if (width and width != layout.width) or (height and height != layout.height):
+        raise _error(f"--size/--width/--height disagree with the {layout.width}x{layout.height} canvas of "
+                     f"{args.layout}; leave them out (the layout sets the canvas)")
+    return Layout(layout.width, layout.height, layout.boxes, prompt, bg or layout.background)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,6 +269,11 @@ def load_pipeline(model: str | None, scheduler: str | None = None, quiet: bool =
     from ..pipelines import TransparentLayerPipeline
 
     path = Path(model) if model else mini_path()
+    if not model and not (path / "model_index.json").is_file():
+        from ..errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"the bundled layergen-mini at {path} is incomplete (no model_index.json); "
+                                 "pass --model PATH (a local diffusers pipeline folder)")
     with _loading_bars(not quiet):
         pipe = TransparentLayerPipeline.from_pretrained(path)
     if scheduler:
@@ -352,7 +392,30 @@ def generate_behind_foreground(pipe, req: Request) -> list[Result]:
     return [Result(s, 0) for s in out.stacks]
 
 
-MODES = {"text": generate_text, "background": generate_on_background, "foreground": generate_behind_foreground}
+def generate_layout(pipe, req: Request) -> list[Result]:
+    """--layout / --box: background + one layer per box (MultiLayerPipeline); flat outputs get the composite."""
+    from ..layout import Layout
+    from ..pipelines import MultiLayerPipeline
+
+    spec = req.extra["layout"]
+    if not isinstance(spec, Layout):
+        size = pipe.default_size()
+        w, h = req.width or req.height or size, req.height or req.width or size
+        spec = Layout.from_boxes(spec["boxes"], w, h, prompt=req.prompt, background=spec["background"])
+    ml = sibling(pipe, MultiLayerPipeline)
+    results = []
+    for k in range(req.num_images):
+        stack = ml(layout=spec, seed=req.seed + LAYOUT_SEED_STRIDE * k, num_inference_steps=req.steps,
+                   guidance_scale=req.guidance, negative_prompt=req.negative_prompt, tta=req.tta,
+                   output_type="stack").stacks[0]
+        if req.layered and not req.background:
+            stack.remove(0)
+        results.append(Result(stack, None))
+    return results
+
+
+MODES = {"text": generate_text, "background": generate_on_background, "foreground": generate_behind_foreground,
+         "layout": generate_layout, "boxes": generate_layout}
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ class BiharmonicFill(BackgroundCompleter):
 
     name = "biharmonic"
 
-    def __init__(self, max_side: int = 384):
+    def __init__(self, max_side: int = 256):
         self.max_side = int(max_side)
 
     def fill(self, image, hole):
@@ -147,14 +147,23 @@ class BiharmonicFill(BackgroundCompleter):
         return up
 
 
-def _structure_direction(gray: np.ndarray, known: np.ndarray) -> tuple[float, float]:
-    """Dominant gradient angle and its coherence (structure tensor over the known pixels)."""
+def _structure_direction(image: np.ndarray, known: np.ndarray) -> tuple[float, float]:
+    """Dominant gradient angle and its coherence: colour structure tensor over the known pixels.
+
+    Colour, not gray: two background colours of equal brightness must still count as an edge.
+    """
     import cv2
 
-    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
+    if image.ndim == 2:
+        image = image[..., None]
+    blur = cv2.GaussianBlur(image, (0, 0), 1.0)
+    if blur.ndim == 2:
+        blur = blur[..., None]
+    gx = cv2.Sobel(blur, cv2.CV_32F, 1, 0, ksize=3).reshape(blur.shape)
+    gy = cv2.Sobel(blur, cv2.CV_32F, 0, 1, ksize=3).reshape(blur.shape)
     inner = cv2.erode(known.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
-    jxx, jyy, jxy = (gx * gx)[inner].sum(), (gy * gy)[inner].sum(), (gx * gy)[inner].sum()
+    jxx, jyy, jxy = ((gx * gx).sum(-1)[inner].sum(), (gy * gy).sum(-1)[inner].sum(),
+                     (gx * gy).sum(-1)[inner].sum())
     trace = jxx + jyy
     if trace < 1e-8:
         return 0.0, 1.0  # flat colour: any direction is exact
@@ -162,7 +171,7 @@ def _structure_direction(gray: np.ndarray, known: np.ndarray) -> tuple[float, fl
     return 0.5 * float(np.arctan2(2 * jxy, jxx - jyy)), coherence
 
 
-def fit_profile(image: np.ndarray, known: np.ndarray, angle: float, bin_width: float = 0.5):
+def fit_profile(image: np.ndarray, known: np.ndarray, angle: float, bin_width: float = 0.25):
     """Background as a function of one coordinate `u = x cos(angle) + y sin(angle)`.
 
     Returns the model image (H x W x 3) and its median absolute error on the
@@ -214,12 +223,14 @@ class StructureFill(BackgroundCompleter):
         import cv2
 
         known = ~hole
-        gray = cv2.GaussianBlur(image.mean(-1), (0, 0), 1.0)
-        angle, coherence = _structure_direction(gray, known)
-        if coherence < self.min_coherence:
+        angle, coherence = _structure_direction(image, known)
+        if coherence < self.min_coherence and self.min_coherence > 0:
             return None
-        # coarse-to-fine search around the tensor's angle, which edges near the hole bias slightly
-        best_angle, best_err, step = angle, fit_profile(image, known, angle)[1], 0.02
+        # coarse-to-fine search around the tensor's angle (edges near the hole bias it slightly);
+        # the axis directions are tried too, since horizons and gradients are often axis-aligned
+        starts = [(fit_profile(image, known, a)[1], a) for a in (angle, 0.0, np.pi / 2)]
+        best_err, best_angle = min(starts)
+        step = 0.02
         while step > 0.0005:
             for a in (best_angle - step, best_angle + step):
                 err = fit_profile(image, known, a)[1]

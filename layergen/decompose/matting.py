@@ -63,7 +63,7 @@ class ClosedFormMatting(AlphaMatting):
 
     name = "closed_form"
 
-    def __init__(self, band: int | None = None, max_pixels: int = 160_000):
+    def __init__(self, band: int | None = None, max_pixels: int = 60_000):
         self.band, self.max_pixels = band, int(max_pixels)
 
     def estimate(self, image, mask):
@@ -147,13 +147,20 @@ class ForegroundExtraction:
 
     name = "extraction"
 
-    def __call__(self, image, background, region, alpha_prior=None):
+    #: set by the pipeline when the prior is a full layer alpha (the learned decomposer), not a body matte
+    trust_prior = False
+
+    def __call__(self, image, background, region, alpha_prior=None, trust_prior: bool = False):
         image = np.asarray(image, np.float32)
         background = np.asarray(background, np.float32)
         region = np.asarray(region).astype(bool)
         if alpha_prior is None:
             alpha_prior = np.zeros(region.shape, np.float32)
-        return self.extract(image, background, region, np.asarray(alpha_prior, np.float32))
+        self.trust_prior = bool(trust_prior)
+        try:
+            return self.extract(image, background, region, np.asarray(alpha_prior, np.float32))
+        finally:
+            self.trust_prior = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -179,8 +186,10 @@ class Unblend(ForegroundExtraction):
 
     name = "unblend"
 
-    def __init__(self, tolerance: float = 3.0 / 255.0, opaque_prior: float = 0.98, extra_colours=((0, 0, 0), (1, 1, 1))):
+    def __init__(self, tolerance: float = 3.0 / 255.0, opaque_prior: float = 0.98, extra_colours=((0, 0, 0), (1, 1, 1)),
+                 glow_tints=(0.25, 0.4, 0.55)):
         self.tolerance, self.opaque_prior = float(tolerance), float(opaque_prior)
+        self.glow_tints = tuple(float(t) for t in glow_tints)
         self.extra_colours = np.asarray(extra_colours, np.float32).reshape(-1, 3)
 
     def extract(self, image, background, region, alpha_prior):
@@ -198,7 +207,10 @@ class Unblend(ForegroundExtraction):
         if len(body) < 8:
             dist = np.abs(D).max(-1)
             body = I[dist >= np.quantile(dist, 0.7)] if changed.any() else I[:0]
-        cands = np.concatenate([dominant_colours(body), self.extra_colours], 0)
+        dom = dominant_colours(body)
+        # glows are usually a lighter tint of the object's colour: offer a few tints as hypotheses too
+        tints = [dom * (1 - t) + t for t in self.glow_tints] if len(dom) else []
+        cands = np.concatenate([dom, *tints, self.extra_colours], 0)
         best_a = np.zeros(len(I), np.float32)
         best_r = np.full(len(I), np.inf, np.float32)
         for c in cands:
@@ -208,8 +220,11 @@ class Unblend(ForegroundExtraction):
             better = r < best_r - 1e-6
             best_a = np.where(better, a, best_a)
             best_r = np.where(better, r, best_r)
-        a = np.maximum(best_a, np.clip(prior, 0.0, 1.0))
-        a = np.where(prior >= self.opaque_prior, 1.0, a)
+        if self.trust_prior:  # a learned full-layer alpha: keep it where it says anything (glass stays glass)
+            a = np.where(prior >= 0.02, np.clip(prior, 0.0, 1.0), best_a)
+        else:
+            a = np.maximum(best_a, np.clip(prior, 0.0, 1.0))
+            a = np.where(prior >= self.opaque_prior, 1.0, a)
         a = np.where(changed, np.maximum(a, minimal_alpha(D, B)), 0.0)
         F = np.where(a[:, None] > 0, B + D / np.maximum(a[:, None], 1e-6), 0.0)
         rgb[region] = np.clip(F, 0.0, 1.0)

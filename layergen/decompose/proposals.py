@@ -98,16 +98,15 @@ def initial_foreground(image: np.ndarray, threshold: float) -> np.ndarray:
     import cv2
     from scipy import ndimage
 
-    from .completion import _structure_direction, fit_profile
-
     h, w = image.shape[:2]
-    gray = cv2.GaussianBlur(image.mean(-1), (0, 0), 1.0)
-    angle, coherence = _structure_direction(gray, np.ones((h, w), bool))
-    if coherence >= 0.5:
-        model = StructureFill(min_coherence=0.5, max_error=np.inf).model(image, np.zeros((h, w), bool))
-        fg = residual(image, model) > threshold
-        if fg.mean() < 0.6:
-            return dilate(fg, 1)
+    model = StructureFill(min_coherence=0.0, max_error=np.inf).model(image, np.zeros((h, w), bool))
+    res = residual(image, model)
+    from .completion import _structure_direction
+
+    _, coherence = _structure_direction(image, np.ones((h, w), bool))
+    # a 1-D background (strongly oriented, or explaining most pixels): objects are what it misses
+    if (coherence >= 0.3 and (res > threshold).mean() < 0.6) or (res < 0.03).mean() >= 0.6:
+        return dilate(res > threshold, 1)
     blur = cv2.GaussianBlur(image, (0, 0), 1.0)
     gx = np.abs(cv2.Sobel(blur, cv2.CV_32F, 1, 0, ksize=3)).max(-1)
     gy = np.abs(cv2.Sobel(blur, cv2.CV_32F, 0, 1, ksize=3)).max(-1)
@@ -127,13 +126,16 @@ def fit_background(image: np.ndarray, completer: BackgroundCompleter | None = No
     first foreground guess (e.g. the user's boxes); by default
     `initial_foreground`.
     """
+    from .completion import PyramidFill
+
     completer = completer or StructureFill()
+    fast = StructureFill(fallback=PyramidFill())  # the iterations only need a rough fill, fast
     h, w = image.shape[:2]
     fg = initial_foreground(image, threshold) if init is None else init.astype(bool)
     for it in range(iterations):
         if fg.all() or not fg.any():
             break
-        bg = completer(image, fg)
+        bg = (fast if it < iterations - 1 else completer)(image, fg)
         new_fg = dilate(residual(image, bg) > threshold, 1)
         if init is not None and it == 0:
             new_fg &= fg  # the user said where the objects are
@@ -148,7 +150,7 @@ def fit_background(image: np.ndarray, completer: BackgroundCompleter | None = No
     border[:b], border[-b:], border[:, :b], border[:, -b:] = True, True, True, True
     flat = bool((~fg[border]).mean() >= min_border_fit and (~fg).mean() >= 0.3)
     if flat:
-        flat = holdout_error(image, fg, completer) <= max_holdout_error
+        flat = holdout_error(image, fg, fast) <= max_holdout_error
     return BackgroundModel(bg, fg, noise, flat)
 
 
@@ -195,12 +197,39 @@ def _split_by_colour(image: np.ndarray, component: np.ndarray, body: np.ndarray,
         sizes = ndimage.sum(sel, lab, index=np.arange(1, n + 1))
         for i in np.nonzero(sizes >= min_area)[0]:
             parts.append(lab == i + 1)
+    parts = _merge_halos(parts, radius=max(2, int(round(0.1 * min(body.shape)))))
     if len(parts) <= 1:
         return [body]
     # give every remaining body pixel to the nearest part
     dist = np.stack([ndimage.distance_transform_edt(~p) for p in parts], -1)
     owner = dist.argmin(-1)
     return [body & (owner == i) for i in range(len(parts))]
+
+
+def _merge_halos(parts: list[np.ndarray], radius: int) -> list[np.ndarray]:
+    """Fold a part that wraps closely around another (a glow, an outline) into it."""
+    import cv2
+
+    changed = True
+    while changed and len(parts) > 1:
+        changed = False
+        for i, a in enumerate(parts):
+            pts = cv2.findNonZero(a.astype(np.uint8))
+            hull = np.zeros(a.shape, np.uint8)
+            cv2.fillConvexPoly(hull, cv2.convexHull(pts), 1)
+            for j, b in enumerate(parts):
+                if i == j:
+                    continue
+                near = (a & dilate(b, radius)).sum() / a.sum()
+                wraps = (hull.astype(bool) & b).sum() / b.sum()
+                if near > 0.9 and wraps > 0.8:
+                    parts[j] = a | b
+                    del parts[i]
+                    changed = True
+                    break
+            if changed:
+                break
+    return parts
 
 
 def _assign_regions(bodies: list[np.ndarray], component: np.ndarray) -> list[np.ndarray]:
@@ -219,7 +248,8 @@ def shadow_like(image: np.ndarray, background: np.ndarray, tol: float = 0.04) ->
     num = (image * background).sum(-1)
     den = np.maximum((background * background).sum(-1), 1e-6)
     s = num / den
-    return (s < 0.97) & (np.abs(image - s[..., None] * background).max(-1) < tol)
+    # s >= 0.25: a shadow dims the background, it does not blacken it (black objects are bodies)
+    return (s < 0.97) & (s >= 0.25) & (np.abs(image - s[..., None] * background).max(-1) < tol)
 
 
 def flat_proposals(image: np.ndarray, model: BackgroundModel, min_area_fraction: float = 0.002,
@@ -244,6 +274,28 @@ def flat_proposals(image: np.ndarray, model: BackgroundModel, min_area_fraction:
         bodies = _split_by_colour(image, comp, body, min_area)
         for b, region in zip(bodies, _assign_regions(bodies, comp)):
             proposals.append(InstanceProposal(b, region, score=float(res[b].mean()), source="automatic"))
+    return _merge_same_colour(image, proposals, gap=max(2, int(round(0.08 * min(h, w)))))
+
+
+def _merge_same_colour(image, proposals, gap: int):
+    """Join nearby pieces of one colour: an object crossing a background of its own colour falls apart."""
+    merged = True
+    while merged and len(proposals) > 1:
+        merged = False
+        for i in range(len(proposals)):
+            for j in range(i + 1, len(proposals)):
+                a, b = proposals[i], proposals[j]
+                if not (dilate(a.mask, gap) & b.mask).any():
+                    continue
+                ca, cb = np.median(image[a.mask], 0), np.median(image[b.mask], 0)
+                if np.abs(ca - cb).max() < 0.08:
+                    proposals[i] = InstanceProposal(a.mask | b.mask, a.region | b.region,
+                                                    max(a.score, b.score), a.source)
+                    del proposals[j]
+                    merged = True
+                    break
+            if merged:
+                break
     return proposals
 
 
@@ -307,14 +359,40 @@ class InstanceProposer:
 
     name = "proposer"
 
+    #: proposals are computed at most this large (longest side), then scaled back: fitting a
+    #: background model to a 12-megapixel photo buys nothing but minutes
+    work_size = 384
+
     def __init__(self, completer: BackgroundCompleter | None = None, threshold: float = 0.08,
                  effect_radius: float = 0.12):
         self.completer = completer or StructureFill()
         self.threshold, self.effect_radius = float(threshold), float(effect_radius)
 
     def __call__(self, image: np.ndarray) -> list[InstanceProposal]:
+        import cv2
+
         image = np.asarray(image, np.float32)
-        return self.propose(image)
+        h, w = image.shape[:2]
+        scale = self.work_size / max(h, w)
+        self._check_guidance(h, w)
+        if scale >= 1.0:
+            return self.propose(image)
+        sw, sh = max(8, int(round(w * scale))), max(8, int(round(h * scale)))
+        small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA)
+        props = self._scaled(sw / w, sh / h).propose(small)
+
+        def up(m):
+            return cv2.resize(m.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_LINEAR) >= 128
+
+        for p in props:
+            p.mask, p.region = up(p.mask), up(p.region) | up(p.mask)
+        return props
+
+    def _check_guidance(self, h, w):
+        """Validate user guidance against the full-size image (before any scaling)."""
+
+    def _scaled(self, sx: float, sy: float) -> "InstanceProposer":
+        return self
 
     def propose(self, image):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -340,26 +418,32 @@ class AutomaticProposer(InstanceProposer):
     name = "automatic"
 
     def __init__(self, completer=None, threshold: float = 0.08, effect_radius: float = 0.12,
-                 max_instances: int = 16, photo_margin: float = 0.1):
+                  max_instances: int = 16, photo_margin: float = 0.1, max_flat_instances: int = 8,
+                 min_object_fraction: float = 0.015):
         super().__init__(completer, threshold, effect_radius)
         self.max_instances, self.photo_margin = int(max_instances), float(photo_margin)
+        self.max_flat_instances, self.min_object_fraction = int(max_flat_instances), float(min_object_fraction)
 
     def propose(self, image):
         model = fit_background(image, self.completer, self.threshold)
-        if model.flat:
-            props = flat_proposals(image, model)
+        props = flat_proposals(image, model) if model.flat else []
+        h, w = image.shape[:2]
+        if props and (len(props) > self.max_flat_instances
+                      or max(p.area for p in props) < self.min_object_fraction * h * w):
+            props = []  # many small blobs: texture of a photo, not objects of a design
+        if props:
             for p in props:  # make sure faint effect tails that the global fit missed are included
                 p.region = p.region | effects_around(image, p.mask, self.completer, self._radius(image),
                                                      max(self.threshold * 0.5, 4 * model.noise),
                                                      limit=~_others(props, p))
             props.sort(key=lambda p: -p.area)
             return props[: self.max_instances]
-        h, w = image.shape[:2]
         m = self.photo_margin
         rect = (int(m * w), int(m * h), max(2, int((1 - 2 * m) * w)), max(2, int((1 - 2 * m) * h)))
         body = grabcut(image, rect=rect)
         if body.sum() < 16 or body.all():
             return []
+        model.flat = False
         return [self._with_effects(image, body, model, "saliency")]
 
 
@@ -408,6 +492,14 @@ class BoxProposer(InstanceProposer):
         self.boxes = [tuple(b) for b in boxes]
         if not self.boxes:
             raise LayergenError("BoxProposer needs at least one box")
+
+    def _check_guidance(self, h, w):
+        for b in self.boxes:
+            check_box(b, h, w)
+
+    def _scaled(self, sx, sy):
+        boxes = [(b[0] * sx, b[1] * sy, max(1.0, b[2] * sx), max(1.0, b[3] * sy)) for b in self.boxes]
+        return BoxProposer(boxes, self.completer, self.threshold, self.effect_radius)
 
     def propose(self, image):
         h, w = image.shape[:2]
@@ -504,8 +596,19 @@ class MaskProposer(InstanceProposer):
         if not self.masks:
             raise LayergenError("MaskProposer needs at least one mask")
 
-    def propose(self, image):
-        h, w = image.shape[:2]
+    def _check_guidance(self, h, w):
+        self._bodies(h, w)
+
+    def _scaled(self, sx, sy):
+        import cv2
+
+        h, w = np.asarray(self.masks[0]).shape[:2]
+        sw, sh = max(8, int(round(w * sx))), max(8, int(round(h * sy)))
+        bodies = self._bodies(h, w)
+        small = [cv2.resize(b.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_AREA) > 0 for b in bodies]
+        return MaskProposer(small, self.completer, self.threshold, self.effect_radius)
+
+    def _bodies(self, h, w):
         bodies = []
         for i, m in enumerate(self.masks):
             m = np.asarray(m)
@@ -518,6 +621,11 @@ class MaskProposer(InstanceProposer):
             if not body.any():
                 raise LayergenError(f"mask {i} is empty (no pixel selected)")
             bodies.append(body)
+        return bodies
+
+    def propose(self, image):
+        h, w = image.shape[:2]
+        bodies = self._bodies(h, w)
         model = fit_background(image, self.completer, self.threshold)
         return [self._with_effects(image, b, model, "mask") for b in bodies]
 
@@ -533,10 +641,14 @@ class PointProposer(InstanceProposer):
         if not self.points:
             raise LayergenError("PointProposer needs at least one point")
 
-    def propose(self, image):
-        from scipy import ndimage
+    def _check_guidance(self, h, w):
+        self._points(h, w)
 
-        h, w = image.shape[:2]
+    def _scaled(self, sx, sy):
+        return PointProposer([(p[0] * sx, p[1] * sy) for p in self._points(10 ** 9, 10 ** 9)], self.completer,
+                             self.threshold, self.effect_radius)
+
+    def _points(self, h, w):
         pts = []
         for p in self.points:
             try:
@@ -546,6 +658,13 @@ class PointProposer(InstanceProposer):
             if not (0 <= x < w and 0 <= y < h):
                 raise LayergenError(f"point {x},{y} lies outside the {w}x{h} image")
             pts.append((x, y))
+        return pts
+
+    def propose(self, image):
+        from scipy import ndimage
+
+        h, w = image.shape[:2]
+        pts = [(min(x, w - 1), min(y, h - 1)) for x, y in self._points(10 ** 9, 10 ** 9)]
         model = fit_background(image, self.completer, self.threshold)
         props = []
         if model.flat:

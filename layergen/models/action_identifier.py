@@ -187,7 +187,7 @@ class ActionIdentifier(ModelMixin, ConfigMixin):
         meta = {"format": IDENTIFIER_FORMAT, "version": IDENTIFIER_VERSION}
         for k, v in self.config.items():
             if not k.startswith("_"):
-                meta[k] = json.dumps(list(v) if isinstance(v, tuple) else v)
+                meta[k] = v if isinstance(v, str) else json.dumps(list(v) if isinstance(v, tuple) else v)
         meta.update(getattr(self, "extra_metadata", {}) or {})
         path = Path(path)
         with atomic_path(path) as tmp:
@@ -212,7 +212,11 @@ class ActionIdentifier(ModelMixin, ConfigMixin):
             raise FormatError(f"{path}: not a layergen action identifier (a plain textual-inversion file? "
                               "load it with pipe.load_textual_inversion)")
         known = ("token", "layer_names", "embedding_dim", "kind", "initializer", "base_model", "unet_fingerprint")
-        kwargs = {k: json.loads(meta[k]) for k in known if k in meta}
+        try:
+            kwargs = {k: (json.loads(meta[k]) if k in ("layer_names", "embedding_dim") else meta[k])
+                      for k in known if k in meta}
+        except json.JSONDecodeError:
+            raise FormatError(f"{path}: corrupt identifier metadata") from None
         ident = cls(**kwargs)
         if tuple(emb.shape) != tuple(ident.embeddings.shape):
             raise FormatError(f"{path}: embeddings have shape {tuple(emb.shape)}, metadata says "
@@ -327,18 +331,21 @@ def input_embedding_override(text_encoder, identifier: ActionIdentifier, mask: t
 # prompts
 
 
-def substitute_identifiers(prompts: list[str], identifiers: dict) -> tuple[list[str], list[list[tuple]]]:
+def substitute_identifiers(prompts: list[str], identifiers: dict, passthrough=()) -> tuple[list[str], list]:
     """Replace each identifier token by its initializer word.
 
     Returns the new texts and, per prompt, (token, start, end) character spans of the
     substituted words. Unknown `<tokens>` are an error (a typo would otherwise be encoded
-    as literal text and silently ignored).
+    as literal text and silently ignored), except those in `passthrough` (tokens the
+    tokenizer itself knows, e.g. from `load_textual_inversion`).
     """
     texts, spans = [], []
     for prompt in prompts:
         out, pos, found = [], 0, []
         for m in TOKEN_PATTERN.finditer(prompt):
             token = m.group(0)
+            if token in passthrough and token not in identifiers:
+                continue
             if token not in identifiers:
                 loaded = ", ".join(identifiers) or "none"
                 raise LayergenError(f"prompt names identifier {token} but it is not loaded (loaded: {loaded}); "

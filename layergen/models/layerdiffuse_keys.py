@@ -63,7 +63,8 @@ def _load_state_dict(path_or_state_dict) -> dict:
             raise ModelNotFoundError(f"{path}: expected one .safetensors/.bin/.pt weights file, found {len(files)}")
         path = files[0]
     if not path.is_file():
-        raise ModelNotFoundError(f"LayerDiffuse weights not found: {path} (pass the vae_transparent_*.safetensors file)")
+        raise ModelNotFoundError(f"LayerDiffuse weights not found: {path} "
+                                 "(pass the vae_transparent_*.safetensors file)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

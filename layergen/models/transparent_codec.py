@@ -25,16 +25,12 @@ permutes their output conv once at load time.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Tuple
-
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from torch import nn
 
 from ..errors import LayergenError
 
@@ -63,6 +59,10 @@ MINI_DECODER_CONFIG = dict(
     latent_channels=4,
     latent_injection_index=3,
 )
+
+
+# TTA runs several orientations per forward, up to this many pixels per call.
+_TTA_PIXELS_PER_CALL = 1 << 21
 
 
 def _zero_(module: nn.Module) -> nn.Module:
@@ -150,7 +150,7 @@ class TransparentEncoder(ModelMixin, ConfigMixin):
     def __init__(
         self,
         in_channels: int = 4,
-        block_out_channels: Tuple[int, ...] = (32, 64, 128, 256),
+        block_out_channels: tuple[int, ...] = (32, 64, 128, 256),
         latent_channels: int = 4,
         offset_scale: float = 1.0,
     ):
@@ -201,11 +201,11 @@ class TransparentDecoder(ModelMixin, ConfigMixin):
         out_channels: int = 4,
         latent_channels: int = 4,
         latent_injection_index: int = 3,
-        down_block_types: Tuple[str, ...] = ("DownBlock2D",) * 4 + ("AttnDownBlock2D",) * 3,
-        up_block_types: Tuple[str, ...] = ("AttnUpBlock2D",) * 3 + ("UpBlock2D",) * 4,
-        block_out_channels: Tuple[int, ...] = (32, 32, 64, 128, 256, 512, 512),
+        down_block_types: tuple[str, ...] = ("DownBlock2D",) * 4 + ("AttnDownBlock2D",) * 3,
+        up_block_types: tuple[str, ...] = ("AttnUpBlock2D",) * 3 + ("UpBlock2D",) * 4,
+        block_out_channels: tuple[int, ...] = (32, 32, 64, 128, 256, 512, 512),
         layers_per_block: int = 2,
-        attention_head_dim: Optional[int] = 8,
+        attention_head_dim: int | None = 8,
         norm_num_groups: int = 4,
         norm_eps: float = 1e-5,
         mid_block_add_attention: bool = True,
@@ -310,8 +310,13 @@ class TransparentDecoder(ModelMixin, ConfigMixin):
         h, w = pixel.shape[-2:]
         pixel, latent = self._pad_inputs(pixel, latent)  # pad once so every orientation sees the same content
         outs = [None] * 8
-        # Batch passes of equal shape together (all 8 when square, two groups of 4 otherwise).
-        for group in ([0, 2, 4, 6], [1, 3, 5, 7]) if pixel.shape[-2] != pixel.shape[-1] else ([*range(8)],):
+        # Batch passes of equal shape together (all 8 when square, two groups of 4 otherwise), a few
+        # million pixels per forward at most so large images do not multiply peak memory by 8.
+        groups = ([0, 2, 4, 6], [1, 3, 5, 7]) if pixel.shape[-2] != pixel.shape[-1] else ([*range(8)],)
+        pixels = pixel.shape[0] * pixel.shape[-2] * pixel.shape[-1]
+        per_call = max(1, min(8, _TTA_PIXELS_PER_CALL // max(1, pixels)))
+        groups = [g[i:i + per_call] for g in groups for i in range(0, len(g), per_call)]
+        for group in groups:
             ts = [tta_transforms()[j] for j in group]
             px = torch.cat([fwd(pixel) for fwd, _ in ts])
             lt = torch.cat([fwd(latent) for fwd, _ in ts])
@@ -350,7 +355,7 @@ def _latent_norm(vae):
     return float(scaling), float(shift)
 
 
-def encode_rgba(vae, encoder: TransparentEncoder, rgba: torch.Tensor, generator: Optional[torch.Generator] = None,
+def encode_rgba(vae, encoder: TransparentEncoder, rgba: torch.Tensor, generator: torch.Generator | None = None,
                 sample: bool = False) -> torch.Tensor:
     """Straight RGBA B x 4 x H x W in [0, 1] -> diffusion-ready latents ``(z - shift) * scaling``.
 

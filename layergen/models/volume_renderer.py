@@ -170,15 +170,21 @@ class VolumeRenderer:
     num_coarse: int = 32
     num_importance: int = 32
     chunk: int = 4096
+    proposal_max_density: float = 10.0
     box_min: tuple = BOX_MIN
     box_max: tuple = BOX_MAX
 
     def render_rays(self, field, rays_o: torch.Tensor, rays_d: torch.Tensor, near=None, far=None,
-                    perturb: bool = False, reuse_coarse: bool = True, generator=None, extra=None) -> dict:
+                    perturb: bool = False, reuse_coarse: bool = True, generator=None, extra=None,
+                    proposal=None) -> dict:
         """Render flat rays (R, 3). Returns dict(rgb (R,3) premultiplied, acc (R,), depth (R,)).
 
         `extra`: optional callable points -> (N, C) features composited with the same weights
         (e.g. one-hot part labels for region masks), returned as out['extra'].
+        `proposal`: optional cheap density `points -> sigma` (e.g. a cached, dilated voxel grid)
+        for the coarse pass. Then only the importance samples query `field` and are
+        composited, and rays whose proposal opacity is below 1e-3 are left empty: empty-space
+        skipping, which is what makes turntables cheap on a CPU.
         """
         if near is None or far is None:
             near, far = ray_box_intersect(rays_o, rays_d, self.box_min, self.box_max)
@@ -186,13 +192,13 @@ class VolumeRenderer:
         for s in range(0, rays_o.shape[0], self.chunk):
             sl = slice(s, s + self.chunk)
             outs.append(self._render_chunk(field, rays_o[sl], rays_d[sl], near[sl], far[sl], perturb,
-                                           reuse_coarse, generator, extra))
+                                           reuse_coarse, generator, extra, proposal))
         if not outs:
             z = rays_o.new_zeros(0)
             return {"rgb": rays_o.new_zeros(0, 3), "acc": z, "depth": z}
         return {k: torch.cat([o[k] for o in outs], 0) for k in outs[0]}
 
-    def _render_chunk(self, field, o, d, near, far, perturb, reuse_coarse, generator, extra):
+    def _render_chunk(self, field, o, d, near, far, perturb, reuse_coarse, generator, extra, proposal=None):
         R = o.shape[0]
         hit = far > near + 1e-6
         out = {"rgb": o.new_zeros(R, 3), "acc": o.new_zeros(R), "depth": o.new_zeros(R)}
@@ -206,7 +212,24 @@ class VolumeRenderer:
         o, d, near, far = o[idx], d[idx], near[idx], far[idx]
         n = o.shape[0]
         t_c = stratified_samples(near, far, self.num_coarse, perturb, generator)
-        if self.num_importance > 0:
+        if proposal is not None:
+            pts = o[:, None] + d[:, None] * t_c[..., None]
+            # capped proposal density: its weights reach ~0.1 past the (dilated) proposal surface,
+            # far enough to cover the true surface behind the dilation
+            sig_p = proposal(pts.reshape(-1, 3)).reshape(n, -1).clamp(max=self.proposal_max_density)
+            _, acc_p, w_c = composite(sig_p, torch.zeros(n, t_c.shape[1], 1, dtype=o.dtype, device=o.device),
+                                      interval_widths(t_c, near, far))
+            keep = (acc_p > 1e-3).nonzero(as_tuple=True)[0]
+            idx, o, d, near, far, t_c, w_c = idx[keep], o[keep], d[keep], near[keep], far[keep], t_c[keep], w_c[keep]
+            n = o.shape[0]
+            if n == 0:
+                if extra is not None:
+                    out["extra"] = out["rgb"].new_zeros(R, extra(o.new_zeros(1, 3)).shape[-1])
+                return out
+            bins = torch.cat([near[:, None], 0.5 * (t_c[:, 1:] + t_c[:, :-1]), far[:, None]], -1)
+            t = sample_pdf(bins, w_c, max(self.num_importance, 1), deterministic=not perturb, generator=generator)
+            sig, rgb = self._eval(field, o, d, t)
+        elif self.num_importance > 0:
             with torch.set_grad_enabled(torch.is_grad_enabled() and reuse_coarse):
                 sig_c, rgb_c = self._eval(field, o, d, t_c)
             bins = torch.cat([near[:, None], 0.5 * (t_c[:, 1:] + t_c[:, :-1]), far[:, None]], -1)
@@ -246,7 +269,7 @@ class VolumeRenderer:
 
     @torch.no_grad()
     def render_views(self, field, c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,
-                     box_min=None, box_max=None, extra=None) -> dict:
+                     box_min=None, box_max=None, extra=None, proposal=None) -> dict:
         """Render cameras (V, 4, 4) to straight RGBA (V, H, W, 4) in [0, 1] (+ 'extra' if given).
 
         `box_min/box_max` may tighten the sampled region (e.g. to the occupied bounding box),
@@ -256,12 +279,34 @@ class VolumeRenderer:
         V = o.shape[0]
         o, d = o.reshape(-1, 3), d.reshape(-1, 3)
         near, far = ray_box_intersect(o, d, box_min or self.box_min, box_max or self.box_max)
-        out = self.render_rays(field, o, d, near, far, perturb=False, reuse_coarse=True, extra=extra)
+        out = self.render_rays(field, o, d, near, far, perturb=False, reuse_coarse=True, extra=extra,
+                               proposal=proposal)
         res = {"rgba": to_straight_rgba(out["rgb"], out["acc"]).reshape(V, height, width, 4),
                "depth": out["depth"].reshape(V, height, width)}
         if extra is not None:
             res["extra"] = out["extra"].reshape(V, height, width, -1)
         return res
+
+
+def grid_density_fn(density: torch.Tensor, box_min=BOX_MIN, box_max=BOX_MAX, dilate: int = 1):
+    """points -> density by trilinear lookup in a [z, y, x] voxel grid of voxel-centre samples.
+
+    `dilate` max-pools the grid first (voxels), so a proposal built from it never misses a
+    thin part that falls between voxel centres.
+    """
+    import torch.nn.functional as F
+
+    vol = density.float()[None, None]
+    if dilate:
+        vol = F.max_pool3d(vol, 2 * dilate + 1, stride=1, padding=dilate)
+    bmin = torch.as_tensor(box_min, dtype=torch.float32)
+    bmax = torch.as_tensor(box_max, dtype=torch.float32)
+
+    def f(points):
+        g = ((points.float() - bmin) / (bmax - bmin) * 2 - 1).view(1, 1, 1, -1, 3)
+        return F.grid_sample(vol, g, mode="bilinear", padding_mode="zeros", align_corners=False).view(-1)
+
+    return f
 
 
 # ----------------------------------------------------------------------------- metrics on renders

@@ -60,8 +60,8 @@ class ActionPipeline(LayerDiffusionPipelineBase):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """As the base class, plus: a component folder holding only `linked.json` ({"path": "../../vae",
-        "class": "AutoencoderKL"}) loads that component from the linked folder, so the mini action
-        model shares the mini VAE instead of shipping a copy."""
+        "class": "AutoencoderKL"}, relative to that folder or absolute) loads the component from the
+        linked folder, so a model can share another model's VAE instead of shipping a copy."""
         from ..mini import check_model_dir
 
         path = check_model_dir(pretrained_model_name_or_path)
@@ -118,7 +118,8 @@ class ActionPipeline(LayerDiffusionPipelineBase):
         return min(int(getattr(self.tokenizer, "model_max_length", 77) or 77), 77)
 
     def _substitute(self, prompts):
-        texts, spans = substitute_identifiers(prompts, self._action_identifiers)
+        known = self.tokenizer.get_added_vocab() if hasattr(self.tokenizer, "get_added_vocab") else {}
+        texts, spans = substitute_identifiers(prompts, self._action_identifiers, passthrough=known)
         return texts, identifier_masks(self.tokenizer, texts, spans, self._max_length())
 
     @torch.no_grad()

@@ -199,6 +199,7 @@ class DecompositionPipeline(DiffusionPipeline):
         self.matting = matting if matting is not None else ClosedFormMatting()
         self.completion = completion if completion is not None else StructureFill()
         self.extraction = extraction if extraction is not None else Unblend()
+        self.background_mode = "residual"  # learned path: see layergen.decompose.learned.BACKGROUND_MODES
 
     @property
     def learned(self) -> bool:
@@ -234,7 +235,8 @@ class DecompositionPipeline(DiffusionPipeline):
         """
         body = proposal.mask
         if self.learned:
-            prior, learned_bg, learned_alpha = self.learned_step(image, proposal, generator, num_inference_steps)
+            prior, learned_bg, learned_alpha = self.learned_step(image, proposal, generator, num_inference_steps,
+                                                                 others)
             hole = proposal.region | dilate(learned_alpha > 0.05, 1) | dilate(body, 1)
         else:
             prior = self.matting(image, body)
@@ -242,10 +244,11 @@ class DecompositionPipeline(DiffusionPipeline):
             hole = proposal.region | dilate(prior > 0.01, 1) | dilate(body, 1)
         if hole.all():
             hole = hole & ~_frame(hole.shape)
-        background = self.completion(image, hole, ignore=None if others is None else others & ~hole)
+        ignore = None if others is None else others & ~hole
+        background = self.completion(image, hole, ignore=ignore) if learned_bg is None else image
         if learned_bg is not None:
             background = np.where(hole[..., None], learned_bg, background)
-        glass = estimate_translucency(image, background, body & (prior >= 0.5))
+        glass = None if learned_bg is not None else estimate_translucency(image, background, body & (prior >= 0.5))
         if glass is not None:
             a, k = glass
             see_through = body & (prior >= 0.98)
@@ -253,15 +256,15 @@ class DecompositionPipeline(DiffusionPipeline):
             # the background is visible through glass: recover it instead of inventing it
             recovered = np.clip((image - k) / max(1.0 - a, 1e-3), 0, 1)
             background = np.where(erode(see_through, 1)[..., None], recovered, background)
-        rgb, alpha = self.extraction(image, background, hole, prior)
+        rgb, alpha = self.extraction(image, background, hole, prior, trust_prior=learned_bg is not None)
         background = np.where(alpha[..., None] > 0, background, image)  # nothing explained by the layer is lost
         return rgb, alpha, background
 
-    def learned_step(self, image, proposal, generator=None, num_inference_steps: int = 20):
+    def learned_step(self, image, proposal, generator=None, num_inference_steps: int = 20, others=None):
         from ..decompose.learned import run_decomposer
 
         return run_decomposer(self, image, proposal, generator=generator, num_inference_steps=num_inference_steps,
-                              completion=self.completion)
+                              completion=self.completion, others=others)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()

@@ -139,6 +139,32 @@ def _round_up(v: float, m: int) -> int:
     return max(m, int(math.ceil(v / m - 1e-9)) * m)
 
 
+def region_crop(box: Box, width: int, height: int, f: int = 8, attention: str = "region", fill: float = 0.65,
+                min_region_size: int | None = None) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """The canvas crop a box is denoised on, and the (h, w) pixel size it is denoised at.
+
+    Region mode: ``box / fill`` per side, rounded up to the VAE factor `f`, at most the canvas
+    (but never smaller than the box), centred on the box and shifted inside the canvas when it
+    fits; `min_region_size` upsamples crops whose longer side is below it. Full mode: the whole
+    (f-padded) canvas. Shared with `training/train_multilayer.py`, so training crops match."""
+    gw, gh = _round_up(width, f), _round_up(height, f)
+    if attention == "full":
+        return (0, 0, gw, gh), (gh, gw)
+    cw = min(_round_up(box.w / fill, f), max(gw, _round_up(box.w, f)))
+    ch = min(_round_up(box.h / fill, f), max(gh, _round_up(box.h, f)))
+    x = int(round(box.x + box.w / 2 - cw / 2))
+    y = int(round(box.y + box.h / 2 - ch / 2))
+    if cw <= width:
+        x = min(max(x, 0), width - cw)
+    if ch <= height:
+        y = min(max(y, 0), height - ch)
+    work = (ch, cw)
+    if min_region_size and max(cw, ch) < min_region_size:
+        s = min_region_size / max(cw, ch)
+        work = (_round_up(ch * s, f), _round_up(cw * s, f))
+    return (x, y, cw, ch), work
+
+
 def crop_pixels(image: np.ndarray, crop: tuple[int, int, int, int]) -> np.ndarray:
     """Crop `image` (H x W x C) to (x, y, w, h), replicating edge pixels where the crop leaves the canvas."""
     x, y, w, h = crop
@@ -186,39 +212,21 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                                     f"{layout.height}x{layout.width}")
             prompt = prompt if prompt is not None else layout.prompt
             bg = background_prompt if background_prompt is not None else layout.background
-            return Layout(layout.width, layout.height, [Box(**vars(b)) for b in layout.boxes], prompt, bg)
+            return Layout(layout.width, layout.height, [Box(**vars(b)) for b in layout.boxes], prompt,
+                          bg).check_prompts()
         if layout is None:
             raise LayergenError("a layout is needed: a list of boxes (x, y, w, h[, prompt]) or a Layout")
         size = self.default_size()
-        return Layout.from_boxes(layout, width or size, height or size, prompt, background_prompt)
+        return Layout.from_boxes(layout, width or size, height or size, prompt, background_prompt).check_prompts()
 
     def _crop_for(self, box: Box, width: int, height: int, attention: str, fill: float,
                   min_region_size: int | None) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
-        f = self.vae_scale_factor
-        gw, gh = _round_up(width, f), _round_up(height, f)
-        if attention == "full":
-            return (0, 0, gw, gh), (gh, gw)
-        cw = min(_round_up(box.w / fill, f), max(gw, _round_up(box.w, f)))
-        ch = min(_round_up(box.h / fill, f), max(gh, _round_up(box.h, f)))
-        x = int(round(box.x + box.w / 2 - cw / 2))
-        y = int(round(box.y + box.h / 2 - ch / 2))
-        if cw <= width:
-            x = min(max(x, 0), width - cw)
-        if ch <= height:
-            y = min(max(y, 0), height - ch)
-        work = (ch, cw)
-        if min_region_size and max(cw, ch) < min_region_size:
-            s = min_region_size / max(cw, ch)
-            work = (_round_up(ch * s, f), _round_up(cw * s, f))
-        return (x, y, cw, ch), work
+        return region_crop(box, width, height, self.vae_scale_factor, attention, fill, min_region_size)
 
     def _empty_latent(self, cache: dict, h: int, w: int) -> torch.Tensor:
         """Latent of a fully transparent layer: what 'nothing here' looks like to the UNet."""
-        if (h, w) not in cache:
-            if self._takes_condition() or self.transparent_encoder is not None:
-                cache[(h, w)] = self.encode_condition_rgba(torch.zeros(1, 4, h, w))
-            else:  # no encoder: the grey the codec puts under transparency
-                cache[(h, w)] = self.encode_condition_rgb(torch.full((1, 3, h, w), 0.5))
+        if (h, w) not in cache:  # through the transparent encoder if there is one, else grey (its convention)
+            cache[(h, w)] = self.encode_condition_rgba(torch.zeros(1, 4, h, w))
         return cache[(h, w)]
 
     def _class_labels(self, task: int, batch: int):
@@ -265,6 +273,8 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         neg_added = self._added_cond_kwargs(neg_pooled, h, w, b) if neg_pooled is not None else None
         cfg = self.do_classifier_free_guidance
         for i, t in enumerate(timesteps):
+            if self.interrupt:
+                continue
             x = self.scheduler.scale_model_input(latents, t)
             if cond is not None:
                 x = torch.cat([x, cond.to(device, dtype)], dim=1)

@@ -41,6 +41,8 @@ CONDITION_CHOICES = [
 ]
 BOX_HEADERS = ["x0", "y0", "x1", "y1", "prompt"]
 MAX_SEED = 2**31 - 1
+STATE_TTL_S = 6 * 3600
+MAX_SESSIONS = 200  # documents kept in memory at once (oldest dropped first)
 
 
 def _user_errors(fn):
@@ -182,13 +184,14 @@ class StudioContext:
 
         @functools.wraps(fn)
         def handler(doc, *args, **kwargs):
-            try:
-                fn(doc, *args, **kwargs)
-            except gr.Error:
-                raise
-            except LayergenError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
-            return self.render(doc)
+            with doc.lock:  # a click during a generation waits instead of editing a half-changed stack
+                try:
+                    fn(doc, *args, **kwargs)
+                except gr.Error:
+                    raise
+                except LayergenError as exc:
+                    raise gr.Error(str(exc), print_exception=False) from None
+                return self.render(doc)
 
         return handler
 
@@ -255,7 +258,9 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
     """Build the studio UI on `backends` (see `layergen.studio.backends`); launch it with `launch()`."""
     exports = _ExportDir()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        doc = gr.State(Document())  # deep-copied: every session gets its own Document
+        # Deep-copied per session: every browser tab gets its own Document, dropped when the tab closes
+        # (or after `STATE_TTL_S` without an edit, for API clients that never close).
+        doc = gr.State(Document(), time_to_live=STATE_TTL_S)
         description = getattr(backends, "description", "") or getattr(backends, "name", "")
         gr.Markdown(f"## {TITLE}\nLayered images you can edit: generate transparent layers, lay out many at once, "
                     f"repaint one, decompose a picture, export PSD / OpenRaster. Backend: *{description}*.")
@@ -358,11 +363,11 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 with gr.Row():
                     merge_btn = gr.Button("Merge down", size="sm", min_width=60, elem_id="merge-button")
                     del_btn = gr.Button("Delete", size="sm", min_width=60, variant="stop", elem_id="delete-button")
-                with gr.Row():
-                    pos_x = gr.Number(label="x", value=0, precision=0, min_width=60, elem_id="layer-x")
-                    pos_y = gr.Number(label="y", value=0, precision=0, min_width=60, elem_id="layer-y")
-                    scale = gr.Slider(10, 400, value=100, step=5, label="Scale %", min_width=120,
-                                      elem_id="layer-scale")
+                with gr.Group():
+                    with gr.Row():
+                        pos_x = gr.Number(label="x", value=0, precision=0, min_width=60, elem_id="layer-x")
+                        pos_y = gr.Number(label="y", value=0, precision=0, min_width=60, elem_id="layer-y")
+                    scale = gr.Slider(10, 400, value=100, step=5, label="Scale %", elem_id="layer-scale")
                 move_btn = gr.Button("Apply position / scale", size="sm", elem_id="transform-button")
                 with gr.Accordion("Document info", open=False):
                     info = gr.JSON(label="Document", elem_id="doc-info")
@@ -522,7 +527,8 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 raise LayerError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
             ext, name_fmt = EXPORT_FORMATS[fmt]
             progress(0, desc=f"Writing {ext}")
-            return str(d.export(exports.new_dir() / f"layergen-studio{ext}", format=name_fmt))
+            with d.lock:
+                return str(d.export(exports.new_dir() / f"layergen-studio{ext}", format=name_fmt))
 
         exp_btn.click(export, [doc, exp_format], [exp_file], api_name="export")
 
@@ -549,7 +555,8 @@ def launch(backends: LayerBackend | None = None, host: str = "127.0.0.1", port: 
     demo.queue(default_concurrency_limit=4)
     _, url, _ = demo.launch(server_name=host, server_port=port, share=False, inbrowser=inbrowser,
                             prevent_thread_lock=True, max_file_size=max_upload_bytes, show_error=False,
-                            quiet=True, footer_links=["api", "settings"], **kwargs)
+                            quiet=True, footer_links=["api", "settings"], state_session_capacity=MAX_SESSIONS,
+                            **kwargs)
     if not quiet:
         print(f"layergen studio running on {url}  (Ctrl+C to stop)", flush=True)
     if not prevent_thread_lock:

@@ -148,7 +148,7 @@ class LayerBackend:
         if not boxes and not background:
             raise LayerError("draw or type at least one box, or tick 'background'")
         layers: list[Layer] = []
-        steps = tqdm(total=len(boxes) + int(background), desc="layout", disable=None)
+        steps = tqdm(total=len(boxes) + int(background), desc="layout")
         if background:
             # A background "behind nothing yet": the foreground condition is an empty canvas.
             empty = np.zeros((height, width, 4), np.uint8)
@@ -347,7 +347,7 @@ def classical_decompose(image, boxes=None) -> LayerStack:
     if not boxes:
         raise LayerError("no objects found to separate; draw or type a box around each object")
     masks = []
-    for k, box in enumerate(tqdm(boxes, desc="decompose", disable=None)):
+    for k, box in enumerate(tqdm(boxes, desc="decompose")):
         mask = np.zeros((h, w), np.uint8)
         rect = (box.x0, box.y0, box.width, box.height)
         if box.width >= w - 1 and box.height >= h - 1:
@@ -433,25 +433,26 @@ def _call_with_supported(fn, **kwargs):
 
 
 class PipelineBackend(LayerBackend):
-    """Adapter from diffusers-style pipelines to the studio interface.
+    """Adapter from the layergen pipelines to the studio interface.
 
-    `generator`: a text -> RGBA layer pipeline (TransparentLayerPipeline).
-    `conditioned`: optional pipelines per condition kind, e.g.
-    `{"background": <foreground-on-background pipe>, "foreground": <background-behind-foreground pipe>}`;
-    a kind without one goes to `generator` (which may accept the condition image itself).
+    `generator`: text -> RGBA layer (TransparentLayerPipeline).
+    `conditioned`: pipelines per condition kind, `{"background": ForegroundOnBackgroundPipeline,
+    "foreground": BackgroundBehindForegroundPipeline}`; a kind without one goes to `generator`.
     `decomposer`: DecompositionPipeline (classical without weights, learned with them).
-    A missing capability falls back to `fallback` (procedural). Optional inputs
-    (condition images) are passed only when the pipeline's `__call__` accepts them.
+    A missing capability falls back to `fallback` (procedural). `call_kwargs` (e.g.
+    `{"num_inference_steps": 20}`) and the condition image (`background=` / `foreground=`) are
+    passed only when a pipeline's `__call__` accepts them. Outputs may be a `LayerPipelineOutput`
+    (`.stacks`), a LayerStack, a Layer or an RGBA image.
     """
 
     def __init__(self, generator=None, decomposer=None, conditioned: dict | None = None,
-                 fallback: LayerBackend | None = None, num_inference_steps: int | None = None,
+                 fallback: LayerBackend | None = None, call_kwargs: dict | None = None,
                  description: str = "pipelines"):
         self.generator = generator
         self.conditioned = dict(conditioned or {})
         self.decomposer = decomposer
         self.fallback = fallback or ProceduralBackend()
-        self.num_inference_steps = num_inference_steps
+        self.call_kwargs = dict(call_kwargs or {})
         self.name = "pipeline"
         self.description = description
 
@@ -459,22 +460,25 @@ class PipelineBackend(LayerBackend):
         pipe = self.conditioned.get(condition.kind, self.generator) if condition is not None else self.generator
         if pipe is None:
             return self.fallback.generate_layer(prompt, seed, width, height, condition)
-        kwargs = dict(prompt=prompt, width=int(width), height=int(height),
-                      num_inference_steps=self.num_inference_steps)
-        if _accepts(pipe, "generator"):
+        kwargs = dict(self.call_kwargs, prompt=prompt, width=int(width), height=int(height), seed=int(seed))
+        if _accepts(pipe, "generator") and not _accepts(pipe, "seed"):
             import torch
 
             kwargs["generator"] = torch.Generator("cpu").manual_seed(int(seed))
         if condition is not None:
-            # `background_image=` for "a foreground on this background", `foreground_image=` for the reverse.
+            # ForegroundOnBackgroundPipeline takes `background=`, BackgroundBehindForegroundPipeline `foreground=`.
+            kwargs[condition.kind] = condition.image
             kwargs[f"{condition.kind}_image"] = condition.image
         layers = _to_layers(_call_with_supported(pipe, **kwargs))
-        layer = layers[-1]
+        wants_background = condition is not None and condition.kind == "foreground"
+        # A conditioned pipeline may return the whole pair (background + foreground): take the new one.
+        picked = [l for l in layers if (l.kind == "background") == wants_background]
+        layer = (picked[0] if wants_background else picked[-1]) if picked else layers[-1]
+        layer = layer.copy()
         layer.metadata.update({"prompt": prompt, "seed": int(seed), "backend": self.description,
                                "condition": condition.kind if condition else None})
-        layer.metadata.setdefault("kind", "background" if condition is not None and condition.kind == "foreground"
-                                  else "instance")
-        if layer.name == "Layer":
+        layer.metadata.setdefault("kind", "background" if wants_background else "instance")
+        if layer.name in ("Layer", "", "layer", "background", "foreground"):
             layer.name = (prompt or "layer")[:60]
         return layer
 
@@ -498,12 +502,20 @@ MINI_DECOMPOSER = "layergen-mini-decomposer"
 
 
 def _load_generator(model: str | None):
+    """(text -> layer pipeline, {condition kind: pipeline}) from `model` or the bundled layergen-mini."""
     from .. import mini
 
-    path = mini.check_model_dir(model) if model else mini.mini_path()  # cheap checks before heavy imports
-    from ..pipelines import TransparentLayerPipeline
+    path = mini.check_model_dir(model if model else mini.mini_path())  # cheap checks before heavy imports
+    pipe = mini.load_pipeline("transparent", path)
+    conditioned = {}
+    try:  # all LayerDiffusion tasks share one component set
+        from ..pipelines import BackgroundBehindForegroundPipeline, ForegroundOnBackgroundPipeline
 
-    return TransparentLayerPipeline.from_pretrained(path)
+        conditioned = {"background": ForegroundOnBackgroundPipeline(**pipe.components),
+                       "foreground": BackgroundBehindForegroundPipeline(**pipe.components)}
+    except Exception as exc:  # noqa: BLE001 - conditioning is optional; plain generation still works
+        logger.warning("studio: conditioned generation unavailable (%s)", exc)
+    return pipe, conditioned
 
 
 def _load_decomposer(model: str | None):
@@ -528,9 +540,10 @@ def default_backends(model: str | None = None, decompose_model: str | None = Non
     """
     notes = []
     generator = decomposer = None
+    conditioned = {}
     decomposer_name = "classical"
     try:
-        generator = _load_generator(model)
+        generator, conditioned = _load_generator(model)
     except Exception as exc:  # noqa: BLE001 - any failure of the optional default falls back
         if model:
             raise LayergenError(f"cannot load the layer model from {model}: {exc}") from exc
@@ -547,4 +560,4 @@ def default_backends(model: str | None = None, decompose_model: str | None = Non
         return ProceduralBackend()
     parts = [f"layers: {model or 'layergen-mini'}" if generator is not None else "layers: procedural demo",
              f"decomposition: {decomposer_name}" if decomposer is not None else "decomposition: grabcut demo"]
-    return PipelineBackend(generator, decomposer, description=", ".join(parts))
+    return PipelineBackend(generator, decomposer, conditioned=conditioned, description=", ".join(parts))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy as _copy
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,16 @@ class Document:
         self._redo: list[_Snapshot] = []
         self._depth = 0
         self.last_action = "New document"
+        self.lock = threading.RLock()  # the app holds it for a whole event: one edit at a time per document
+
+    def __deepcopy__(self, memo):
+        """Deep copy without the lock (gr.State deep-copies the initial document for every session)."""
+        new = Document.__new__(Document)
+        for key, value in self.__dict__.items():
+            if key != "lock":
+                new.__dict__[key] = _copy.deepcopy(value, memo)
+        new.lock = threading.RLock()
+        return new
 
     # -- history ----------------------------------------------------------------
     def _snapshot(self, label: str) -> _Snapshot:

@@ -7,8 +7,8 @@ our models, so a wrong mapping or a drifted architecture makes these tests fail.
 """
 import pytest
 import torch
-from torch import nn
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from torch import nn
 
 from layergen.errors import FormatError, ModelNotFoundError
 from layergen.models.layerdiffuse_keys import (
@@ -157,7 +157,8 @@ class PublishedUNet1024(nn.Module):
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList(
             get_up_block("AttnUpBlock2D" if n - 1 - i in attn_levels else "UpBlock2D", num_layers=3,
-                         in_channels=rev[min(i + 1, n - 1)], out_channels=rev[i], prev_output_channel=rev[max(i - 1, 0)],
+                         in_channels=rev[min(i + 1, n - 1)], out_channels=rev[i],
+                         prev_output_channel=rev[max(i - 1, 0)],
                          add_upsample=i < n - 1, upsample_type="conv", **common) for i in range(n))
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], 4, 3, padding=1)

@@ -151,6 +151,34 @@ def test_pipeline_backend_adapts_calls():
     assert dec.boxes == [(1, 2, 8, 8)] and len(stack) == 1  # the pipeline takes (x, y, w, h)
 
 
+def test_pipeline_backend_drives_the_real_layer_pipelines():
+    """Tiny random LayerDiffusion components (built in code): the adapter's calls fit the real pipelines."""
+    import torch
+
+    from layergen.pipelines import (BackgroundBehindForegroundPipeline, ForegroundOnBackgroundPipeline,
+                                    TransparentLayerPipeline)
+    from layergen.testing import tiny_layer_components
+
+    torch.manual_seed(0)
+    pipe = TransparentLayerPipeline(**tiny_layer_components())
+    backend = PipelineBackend(pipe, conditioned={
+        "background": ForegroundOnBackgroundPipeline(**pipe.components),
+        "foreground": BackgroundBehindForegroundPipeline(**pipe.components)},
+        call_kwargs={"num_inference_steps": 2, "tta": False}, description="tiny")
+    fg = backend.generate_layer("a red star", 3, 32, 32)
+    assert fg.pixels.shape == (32, 32, 4) and fg.kind == "instance" and fg.metadata["seed"] == 3
+    assert fg == backend.generate_layer("a red star", 3, 32, 32)  # the seed reaches the pipeline
+    backdrop = np.zeros((32, 32, 4), np.uint8)
+    backdrop[..., 0], backdrop[..., 3] = 200, 255
+    on_bg = backend.generate_layer("a star", 3, 32, 32, condition=Condition("background", backdrop))
+    assert on_bg.kind == "instance" and on_bg.metadata["condition"] == "background"
+    behind = backend.generate_layer("a sky", 3, 32, 32, condition=Condition("foreground", fg.pixels))
+    assert behind.kind == "background" and (behind.pixels[..., 3] == 255).all() and behind.name == "a sky"
+    stack = LayerStack(32, 32, [behind, fg])
+    new = backend.repaint(stack, 1, "a blue heart", 5)
+    assert new.kind == "instance" and new.metadata["prompt"] == "a blue heart"
+
+
 def test_default_backends_fall_back_or_fail_loudly(tmp_path, monkeypatch):
     from layergen.errors import ModelNotFoundError
     from layergen.studio import backends as mod

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -46,7 +45,7 @@ def run(args, launcher=(sys.executable,), env_extra=None):
 def test_trains_saves_rotates_and_resumes(tiny_vae_dir, tmp_path):
     out = tmp_path / "run"
     common = ["--pretrained_vae", str(tiny_vae_dir), "--output_dir", str(out), "--checkpointing_steps", "1",
-              "--checkpoints_total_limit", "1", "--validation_steps", "2", *TINY]
+              "--checkpoints_total_limit", "1", "--validation_steps", "2", "--crop_size", "16", *TINY]
     run([*common, "--max_train_steps", "2"])
     # Rotation kept only the newest checkpoint; previews and both model folders exist.
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
@@ -62,9 +61,11 @@ def test_trains_saves_rotates_and_resumes(tiny_vae_dir, tmp_path):
     assert rgba.shape == (1, 4, 32, 32)
     before = {k: v.clone() for k, v in dec.state_dict().items()}
 
-    # Resume continues the step count from checkpoint-2 (the LR scheduler sits at step 3 afterwards).
-    log = run([*common, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    # Resume continues the step count from checkpoint-2 (the LR scheduler sits at step 3 afterwards);
+    # the last step trains on whole (uncropped) layers.
+    log = run([*common, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--final_full_res_steps", "1"])
     assert "resumed from" in log and "checkpoint-2" in log
+    assert "step 2: switching to uncropped 32px layers" in log
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     sched = torch.load(out / "checkpoint-3" / "scheduler.bin", weights_only=False)
     assert sched["last_epoch"] == 3
@@ -96,6 +97,9 @@ def test_losses_are_zero_for_a_perfect_prediction_and_punish_fringes():
     pred[:, :3, 1, 2:6] = 0.5
     alpha, rgb, comp = mod.codec_losses(pred, true, torch.Generator().manual_seed(0))
     assert float(alpha) == 0 and float(rgb) > 0 and float(comp) > 0
+    # MSE term: 4 edge pixels x 2 images, error 0.5 in G and B (true colour red), weight 0.5.
+    expected = (8 * 0.5 * (0.25 + 0.25 + 0.25)) / (3 * float(true[:, 3:].sum()) + 1.0)
+    assert float(mod.rgb_mse_loss(pred, true)) == pytest.approx(expected)
 
 
 @pytest.mark.slow

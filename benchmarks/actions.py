@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Action benchmark: can a learned identifier put a *held-out* action on *unseen* subjects?
+
+What it compares (one run, same base model, same exemplars, same steps, same seeds):
+  adi           layer-wise identifier + gradient-invariance mask (the method)
+  adi_no_mask   layer-wise identifier, no mask                    (ablation: the mask)
+  adi_shared    one token for all layers + mask                   (ablation: layer-wise tokens)
+  ti            plain Textual Inversion: one input token, template "a <token>"
+  ti_captioned  Textual Inversion with ADI's captioned template   (extra: isolates the template)
+  base          no identifier at all (the model's pose prior on these prompts)
+
+Data: the procedural figure domain (`layergen.data.figures`). The mini action model was
+trained on captions that never name the held-out actions (jump, wave, kick, bow). For each
+held-out action: 4 exemplars (4 different species, colours, backgrounds; seeds from
+HELDOUT_SEED_START), identifiers learned for `--steps` steps, then 16 images of 16 *unseen*
+subjects (species x colour pairs not among the exemplars, in random backgrounds), prompt
+"a <colour> <species> <background phrase> <token>", 20 DPM-Solver steps, CFG 5, image k
+with seed `--seed + k` for every method (paired).
+
+Scores, from judges trained only on renders (`training/train_pose_classifier.py`):
+  action_acc   pose classifier says the held-out action (chance 1/11)
+  subject_acc  subject classifier gets both species and colour of the *prompt*
+  leak         subject classifier says one of the *exemplars'* subjects instead
+
+    python benchmarks/actions.py                      # full run, ~20-30 min on 2 CPU cores
+    python benchmarks/actions.py --quick              # smoke run
+
+Table to stdout, JSON to benchmarks/results/actions.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_ACTIONS,  # noqa: E402
+                                   HELDOUT_SEED_START, SPECIES, exemplar_set, subject_caption)
+
+METHODS = {
+    "adi": ["--method", "adi"],
+    "adi_no_mask": ["--method", "adi", "--mask_quantile", "0"],
+    "adi_shared": ["--method", "adi", "--shared_token"],
+    "ti": ["--method", "textual_inversion"],
+    "ti_captioned": ["--method", "textual_inversion", "--template", "{caption} {token}"],
+    "base": None,
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="ADI vs ablations vs Textual Inversion on held-out actions.")
+    p.add_argument("--model", default=str(ROOT / "assets" / "layergen-mini" / "action"))
+    p.add_argument("--classifiers", default=None, help="Folder with pose/ and subject/ (default <model>/classifiers).")
+    p.add_argument("--actions", nargs="+", default=list(HELDOUT_ACTIONS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--num_exemplars", type=int, default=4)
+    p.add_argument("--num_images", type=int, default=16)
+    p.add_argument("--mask_quantile", type=float, default=0.5)
+    p.add_argument("--extra", default="", help="Extra training flags for every identifier method (quoted).")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "actions.json"))
+    p.add_argument("--save_images", default=None, help="Folder for one grid PNG per action (rows = methods).")
+    p.add_argument("--quick", action="store_true", help="1 action, 20 steps, 4 images: a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.actions, args.steps, args.num_images = args.actions[:1], 20, 4
+    return args
+
+
+def load_training_module():
+    path = ROOT / "training" / "train_action_identifier.py"
+    spec = importlib.util.spec_from_file_location("bench_train_action_identifier", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def unseen_subjects(exemplars, n, seed):
+    """n (species, colour, background) with species x colour not among the exemplars', species balanced."""
+    rng = np.random.default_rng([seed, 5])
+    used = {(e["species"], e["colour"]) for e in exemplars}
+    pool = [(s, c) for s in SPECIES for c in FIGURE_COLOURS if (s, c) not in used]
+    by_species = {s: [p for p in pool if p[0] == s] for s in SPECIES}
+    for s in by_species:
+        rng.shuffle(by_species[s])
+    out, k = [], 0
+    while len(out) < n:
+        s = SPECIES[k % len(SPECIES)]
+        pair = by_species[s][(k // len(SPECIES)) % len(by_species[s])]
+        out.append((*pair, list(FIGURE_BACKGROUNDS)[int(rng.integers(len(FIGURE_BACKGROUNDS)))]))
+        k += 1
+    return out
+
+
+def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf) -> dict:
+    pose = pose_clf.predict(images)["action"]
+    subj = subject_clf.predict(images)
+    n = len(images)
+    species_ok = [subj["species"][k] == subjects[k][0] for k in range(n)]
+    colour_ok = [subj["colour"][k] == subjects[k][1] for k in range(n)]
+    return {
+        "action_acc": float(np.mean([p == action for p in pose])),
+        "subject_acc": float(np.mean([a and b for a, b in zip(species_ok, colour_ok)])),
+        "species_acc": float(np.mean(species_ok)),
+        "colour_acc": float(np.mean(colour_ok)),
+        "leak": float(np.mean([(subj["species"][k], subj["colour"][k]) in exemplar_subjects for k in range(n)])),
+        "poses": {p: pose.count(p) for p in sorted(set(pose))},
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    from layergen.models.figure_classifier import FigureClassifier
+    from layergen.pipelines.pipeline_action import ActionPipeline
+
+    clf_dir = Path(args.classifiers or Path(args.model) / "classifiers")
+    pose_clf = FigureClassifier.from_pretrained(clf_dir / "pose", torch_dtype=torch.float32).eval()
+    subject_clf = FigureClassifier.from_pretrained(clf_dir / "subject", torch_dtype=torch.float32).eval()
+    pipe = ActionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    trainer = load_training_module()
+
+    results = {m: {} for m in args.methods}
+    grids = {}
+    for a_idx, action in enumerate(args.actions):
+        ex = exemplar_set(action, args.num_exemplars, seed=HELDOUT_SEED_START + 1000 * a_idx,
+                          size=pipe.default_size())
+        exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", **s.metadata()}
+                     for k, s in enumerate(ex)]
+        ex_subjects = {(e["species"], e["colour"]) for e in exemplars}
+        subjects = unseen_subjects(exemplars, args.num_images, args.seed + a_idx)
+        captions = [subject_caption(*s) for s in subjects]
+        grids[action] = {}
+        for method in args.methods:
+            t0 = time.time()
+            if pipe.action_identifiers:
+                pipe.unload_action_identifier()
+            if METHODS[method] is None:
+                prompts = captions
+            else:
+                token = f"<{action}-{method}>".replace("_", "-")
+                with tempfile.TemporaryDirectory() as tmp:
+                    targs = trainer.parse_args(
+                        ["--name", token, "--output_dir", tmp, "--steps", str(args.steps),
+                         "--num_exemplars", str(args.num_exemplars), "--validation_steps", "0",
+                         "--checkpointing_steps", str(10 ** 9), "--seed", str(args.seed),
+                         *(["--mask_quantile", str(args.mask_quantile)] if "--mask_quantile" not in METHODS[method]
+                           else []), *METHODS[method], *args.extra.split()])
+                    ident = trainer.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
+                pipe.load_action_identifier(ident)
+                prompts = [f"{c} {ident.token}" for c in captions]
+            learn_s = time.time() - t0
+            images = pipe(prompts, seed=args.seed, output_type="np").images
+            res = score(images, subjects, ex_subjects, action, pose_clf, subject_clf)
+            res["seconds"] = round(time.time() - t0, 1)
+            res["learn_seconds"] = round(learn_s, 1)
+            results[method][action] = res
+            grids[action][method] = images
+            print(f"{action:>6} {method:<13} action {res['action_acc']:.2f}  subject {res['subject_acc']:.2f}  "
+                  f"leak {res['leak']:.2f}  ({res['seconds']:.0f}s)", flush=True)
+        if pipe.action_identifiers:
+            pipe.unload_action_identifier()
+
+    keys = ("action_acc", "subject_acc", "species_acc", "colour_acc", "leak")
+    summary = {m: {k: float(np.mean([results[m][a][k] for a in args.actions])) for k in keys} for m in args.methods}
+    print()
+    print(f"held-out actions {', '.join(args.actions)}; {args.num_exemplars} exemplars, {args.steps} steps, "
+          f"{args.num_images} unseen subjects each, seed {args.seed}")
+    print(f"{'method':<14}" + "".join(f"{k:>13}" for k in keys))
+    for m in args.methods:
+        print(f"{m:<14}" + "".join(f"{100 * summary[m][k]:>12.1f}%" for k in keys))
+    verdict = {}
+    if {"adi", "ti"} <= set(args.methods):
+        verdict["adi_minus_ti_action_points"] = 100 * (summary["adi"]["action_acc"] - summary["ti"]["action_acc"])
+        verdict["adi_subject_not_lower_than_ti"] = summary["adi"]["subject_acc"] >= summary["ti"]["subject_acc"]
+        for abl in ("adi_no_mask", "adi_shared"):
+            if abl in summary:
+                verdict[f"adi_minus_{abl}_action_points"] = 100 * (summary["adi"]["action_acc"]
+                                                                   - summary[abl]["action_acc"])
+        print("verdict:", json.dumps(verdict))
+
+    clf_metrics = {}
+    for name in ("pose", "subject"):
+        f = clf_dir / name / "metrics.json"
+        if f.is_file():
+            clf_metrics[name] = json.loads(f.read_text())
+    report = {
+        "benchmark": "actions",
+        "description": __doc__.split("\n\n")[0].strip(),
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "save_images")},
+        "classifiers": clf_metrics,
+        "summary": summary,
+        "verdict": verdict,
+        "per_action": results,
+    }
+    out = Path(args.out)
+    from layergen.atomic import write_text_atomic
+
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    if args.save_images:
+        from layergen.training_utils import save_image_grid
+
+        for action, rows in grids.items():
+            ims = [im for m in args.methods for im in rows[m][:8]]
+            save_image_grid(ims, Path(args.save_images) / f"{action}.png", cols=min(8, args.num_images))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""`layergen action ...`: learn an action from a few exemplar images, then generate it for new subjects."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+ORDER = 40
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "action",
+        help="learn an action identifier from exemplars (ADI) and generate it for new subjects",
+        description="Action-identifier inversion: learn what a few exemplar images have in common\n"
+                    "(an action such as jumping) as a token <name>, then put it in prompts.",
+        epilog="examples:\n"
+               "  layergen action exemplars jump exemplars/         # 4 procedural figures jumping\n"
+               "  layergen action learn exemplars/ --name jump      # -> jump.safetensors\n"
+               '  layergen action generate "a blue cat in the snow <jump>" -o cat.png',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="action_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    e = sub.add_parser("exemplars", help="render procedural exemplar figures of an action (+ metadata.jsonl)")
+    e.add_argument("action", metavar="ACTION", help="one of the figure actions, e.g. jump, wave, kick, bow")
+    e.add_argument("output", metavar="DIR", help="folder to write the images and metadata.jsonl into")
+    e.add_argument("-n", "--num", type=int, default=4, help="number of exemplars (default 4)")
+    e.add_argument("--seed", type=int, default=1_000_000, help="seed of the exemplar set")
+    e.add_argument("--size", type=int, default=128)
+    e.set_defaults(func=run_exemplars)
+
+    learn = sub.add_parser("learn", help="learn an identifier from a folder of exemplar images",
+                           description="Runs training/train_action_identifier.py (see its --help for every option).")
+    learn.add_argument("exemplars", metavar="EXEMPLARS", help="folder of exemplar images (+ optional metadata.jsonl)")
+    learn.add_argument("--name", required=True, help="identifier name; prompts use it as <name>")
+    learn.add_argument("-o", "--output", help="identifier file (default ./<name>.safetensors)")
+    learn.add_argument("--model", help="ActionPipeline folder (default: bundled layergen-mini action model)")
+    learn.add_argument("--method", default="adi", choices=["adi", "textual_inversion"])
+    learn.add_argument("--steps", type=int, default=300)
+    learn.add_argument("--num_exemplars", type=int, default=4)
+    learn.add_argument("--mask_quantile", type=float, default=0.5)
+    learn.add_argument("--contrast", default="auto", choices=["auto", "render", "generate", "dir", "none"])
+    learn.add_argument("--work_dir", help="checkpoints/validation images (default: a temporary folder)")
+    learn.add_argument("--seed", type=int, default=0)
+    learn.set_defaults(func=run_learn)
+
+    g = sub.add_parser("generate", help='generate images from a prompt naming identifiers, e.g. "a cat <jump>"')
+    g.add_argument("prompt", metavar="PROMPT")
+    g.add_argument("-i", "--identifier", action="append", default=[],
+                   help="identifier file; repeat for several (default: <name>.safetensors in --identifier_dir "
+                        "for every <name> in the prompt)")
+    g.add_argument("--identifier_dir", default=".", help="where to look for <name>.safetensors (default: .)")
+    g.add_argument("-o", "--output", default="action.png", help="output PNG (several images: name-K.png)")
+    g.add_argument("-n", "--num_images", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance_scale", type=float, default=5.0)
+    g.add_argument("--negative_prompt", default=None)
+    g.add_argument("--model", help="ActionPipeline folder (default: bundled layergen-mini action model)")
+    g.add_argument("--no_strict", action="store_true", help="load identifiers learned on other weights anyway")
+    g.set_defaults(func=run_generate)
+
+
+def _training_script():
+    path = ROOT / "training" / "train_action_identifier.py"
+    if not path.is_file():
+        from ..errors import LayergenError
+
+        raise LayergenError(f"{path} is missing: `layergen action learn` needs the training/ folder of a "
+                            "layergen source checkout")
+    spec = importlib.util.spec_from_file_location("layergen_train_action_identifier", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_exemplars(args) -> int:
+    import json
+
+    from PIL import Image
+
+    from ..atomic import atomic_dir
+    from ..data.figures import ACTIONS, exemplar_set
+    from ..errors import LayergenError
+
+    if args.action not in ACTIONS:
+        raise LayergenError(f"unknown action {args.action!r}; figures can do: {', '.join(ACTIONS)}")
+    if not 1 <= args.num <= 24:
+        raise LayergenError(f"--num must be in [1, 24], got {args.num}")
+    samples = exemplar_set(args.action, args.num, seed=args.seed, size=args.size)
+    with atomic_dir(args.output) as tmp:
+        rows = []
+        for k, s in enumerate(samples):
+            name = f"{k:02d}-{s.colour}-{s.species}.png"
+            Image.fromarray(s.image).save(tmp / name)
+            rows.append(json.dumps({"file_name": name, **s.metadata()}))
+        (tmp / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    print(f"wrote {len(samples)} exemplars of '{args.action}' to {args.output}")
+    return 0
+
+
+def run_learn(args) -> int:
+    import tempfile
+
+    from ..errors import LayergenError
+
+    if not Path(args.exemplars).is_dir():
+        raise LayergenError(f"{args.exemplars}: not a folder of exemplar images")
+    module = _training_script()
+    name = args.name.strip().strip("<>")
+    output = args.output or f"{name}.safetensors"
+    with tempfile.TemporaryDirectory(prefix="layergen-action-") as tmp:
+        argv = ["--exemplars", args.exemplars, "--name", name, "--output", output,
+                "--output_dir", args.work_dir or tmp, "--method", args.method, "--steps", str(args.steps),
+                "--num_exemplars", str(args.num_exemplars), "--mask_quantile", str(args.mask_quantile),
+                "--contrast", args.contrast, "--seed", str(args.seed), "--validation_steps", "0",
+                "--checkpointing_steps", str(max(args.steps, 1) if not args.work_dir else 100)]
+        if args.model:
+            argv += ["--pretrained_model_name_or_path", args.model]
+        module.main(argv)
+    print(f"use it as <{name}> in prompts: layergen action generate \"a blue cat <{name}>\" -i {output}")
+    return 0
+
+
+def run_generate(args) -> int:
+    from ..atomic import atomic_path
+    from ..errors import LayergenError
+    from ..mini import mini_path
+    from ..models.action_identifier import TOKEN_PATTERN
+    from ..pipelines.pipeline_action import ActionPipeline
+
+    if not 1 <= args.num_images <= 64:
+        raise LayergenError(f"--num_images must be in [1, 64], got {args.num_images}")
+    pipe = ActionPipeline.from_pretrained(args.model or mini_path("action"))
+    files = [Path(f) for f in args.identifier]
+    loaded = set()
+    for f in files:
+        loaded.add(pipe.load_action_identifier(f, strict=not args.no_strict).token)
+    for token in dict.fromkeys(TOKEN_PATTERN.findall(args.prompt)):
+        if token in loaded:
+            continue
+        f = Path(args.identifier_dir) / f"{token[1:-1]}.safetensors"
+        if not f.is_file():
+            raise LayergenError(f"prompt names {token} but no identifier file was given and {f} does not exist; "
+                                f"pass -i FILE or learn it with: layergen action learn EXEMPLARS --name {token[1:-1]}")
+        pipe.load_action_identifier(f, strict=not args.no_strict)
+    out = pipe(args.prompt, num_images_per_prompt=args.num_images, seed=args.seed,
+               num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+               negative_prompt=args.negative_prompt)
+    dest = Path(args.output)
+    if dest.suffix.lower() != ".png":
+        raise LayergenError(f"{dest}: output must be a .png file")
+    paths = [dest] if len(out.images) == 1 else [dest.with_name(f"{dest.stem}-{k}{dest.suffix}")
+                                                 for k in range(len(out.images))]
+    for img, path in zip(out.images, paths):
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,56 @@
+"""Small CNN classifiers of procedural figures: the *independent* judges of the action benchmark.
+
+Trained on renders with known labels (`training/train_pose_classifier.py`), never on generator
+output, so they can score a generator without sharing its biases:
+* pose classifier: one head over `ACTIONS`;
+* subject classifier: heads over `SPECIES` and `FIGURE_COLOURS`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+class FigureClassifier(ModelMixin, ConfigMixin):
+    """RGB 128 px (any size; resized to `input_size`) -> logits per head. Position-aware (flattened
+    4x4 features, no global pooling): a pose is a spatial arrangement of limbs."""
+
+    @register_to_config
+    def __init__(self, heads: dict | None = None, input_size: int = 64, channels: tuple = (32, 64, 96, 128),
+                 dropout: float = 0.2):
+        super().__init__()
+        heads = heads or {"action": ["stand"]}
+        layers, c_in = [], 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
+                       nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        side = input_size // 2 ** len(channels)
+        self.drop = nn.Dropout(dropout)
+        self.head_layers = nn.ModuleDict({name: nn.Linear(c_in * side * side, len(labels)) for name, labels in heads.items()})
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """`images`: B x 3 x H x W in [0, 1]."""
+        size = self.config.input_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = nn.functional.interpolate(images, size=(size, size), mode="area")
+        h = self.features(images * 2 - 1).flatten(1)
+        h = self.drop(h)
+        return {name: head(h) for name, head in self.head_layers.items()}
+
+    @torch.no_grad()
+    def predict(self, images, batch: int = 64) -> dict:
+        """uint8 N x H x W x 3 array (or list of PIL/arrays) -> head -> list of label strings."""
+        arr = np.stack([np.asarray(i)[..., :3] for i in images])
+        out = {name: [] for name in self.config.heads}
+        device = next(self.parameters()).device
+        for k in range(0, len(arr), batch):
+            x = torch.from_numpy(arr[k:k + batch]).permute(0, 3, 1, 2).float().div(255).to(device)
+            logits = self(x)
+            for name, labels in self.config.heads.items():
+                out[name] += [labels[i] for i in logits[name].argmax(-1).tolist()]
+        return out

@@ -1,0 +1,282 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from layergen.errors import FormatError, LayergenError
+from layergen.models.action_identifier import (ActionIdentifier, GradientInvarianceMasker, IdentifierAttnProcessor,
+                                               cross_attention_layers, identifier_masks, install_identifier_processors,
+                                               masked_step, quantile_keep_mask, substitute_identifiers,
+                                               uninstall_identifier_processors)
+from layergen.pipelines.pipeline_action import ActionPipeline
+from layergen.testing import tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
+
+
+def sd15_like_unet():
+    """SD 1.5's block layout (16 cross-attention layers) at toy width."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=24, norm_num_groups=4, attention_head_dim=4)
+
+
+def sdxl_like_unet():
+    """SDXL's layout: no attention in the first block, several transformer blocks per attention."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2), cross_attention_dim=24, norm_num_groups=4, attention_head_dim=4,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 48)
+
+
+def capture_key_inputs(unet):
+    """Record what every cross-attention layer's to_k sees (= its text states after routing)."""
+    seen = {}
+    modules = dict(unet.named_modules())
+    for name in cross_attention_layers(unet):
+        modules[name].to_k.register_forward_pre_hook(
+            lambda m, a, name=name: seen.__setitem__(name, a[0].detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("make,expected", [(sd15_like_unet, 16), (sdxl_like_unet, 22),
+                                           (lambda: tiny_unet(4, 24, None), 4)])
+def test_every_cross_attention_layer_receives_its_own_token(make, expected):
+    unet = make()
+    layers = cross_attention_layers(unet)
+    assert len(layers) == len(set(layers)) == expected
+    ident = ActionIdentifier.for_unet(unet, "<jump>")
+    with torch.no_grad():
+        ident.embeddings.copy_(torch.randn(ident.embeddings.shape))
+    router = install_identifier_processors(unet)
+    procs = unet.attn_processors
+    assert sum(isinstance(p, IdentifierAttnProcessor) for p in procs.values()) == len(layers)
+    assert all(isinstance(p, AttnProcessor2_0) for k, p in procs.items() if ".attn1." in k)  # SDPA kept
+
+    seen = capture_key_inputs(unet)
+    states = torch.randn(2, 6, 24)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[1, 3] = True  # sample 0 plays the unconditional branch: no identifier there
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 12), "time_ids": torch.zeros(2, 6)}
+    with torch.no_grad(), router.bind(ident, mask):
+        unet(torch.randn(2, 4, 8, 8), 10, encoder_hidden_states=states, **kwargs)
+    assert set(seen) == set(layers)
+    for name in layers:
+        got = seen[name]
+        assert torch.equal(got[1, 3], ident.embeddings[ident.row_of(name)]), name
+        assert torch.equal(got[0], states[0]) and torch.equal(got[1, :3], states[1, :3])
+        assert torch.equal(got[1, 4:], states[1, 4:])
+    # every layer had a distinct vector, i.e. none was reused from a neighbour (the call-order bug)
+    vecs = torch.stack([seen[n][1, 3] for n in layers])
+    assert torch.unique(vecs, dim=0).shape[0] == len(layers)
+
+    # without a binding the processors are transparent; uninstall restores the originals
+    seen.clear()
+    with torch.no_grad():
+        unet(torch.randn(2, 4, 8, 8), 10, encoder_hidden_states=states, **kwargs)
+    assert all(torch.equal(seen[n], states) for n in layers)
+    uninstall_identifier_processors(unet)
+    assert not any(isinstance(p, IdentifierAttnProcessor) for p in unet.attn_processors.values())
+
+
+def test_shared_identifier_gives_every_layer_the_same_vector():
+    unet = sd15_like_unet()
+    ident = ActionIdentifier.for_unet(unet, "<jump>", kind="shared")
+    assert ident.embeddings.shape == (1, 24)
+    with torch.no_grad():
+        ident.embeddings.normal_()
+    router = install_identifier_processors(unet)
+    seen = capture_key_inputs(unet)
+    mask = torch.zeros(1, 5, dtype=torch.bool)
+    mask[0, 2] = True
+    with torch.no_grad(), router.bind(ident, mask):
+        unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 5, 24))
+    assert all(torch.equal(v[0, 2], ident.embeddings[0]) for v in seen.values()) and len(seen) == 16
+
+
+def test_per_sample_override_gives_per_sample_gradients():
+    unet = tiny_unet(4, 24, None)
+    ident = ActionIdentifier.for_unet(unet, "<jump>")
+    router = install_identifier_processors(unet)
+    override = torch.randn(3, ident.num_rows, 24, requires_grad=True)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[:, 1] = True
+    x = torch.randn(3, 4, 8, 8)
+    with router.bind(ident, mask, override):
+        out = unet(x, 10, encoder_hidden_states=torch.randn(3, 5, 24)).sample
+    out[0].pow(2).sum().backward()  # only sample 0's loss
+    assert override.grad[0].abs().sum() > 0
+    assert torch.count_nonzero(override.grad[1:]) == 0
+
+
+def test_masked_adamw_step_does_not_move_masked_channels():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(2, 8))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.5)
+    p.grad = torch.randn(2, 8)
+    opt.step()  # builds momentum in every channel
+    keep = torch.zeros(2, 8, dtype=torch.bool)
+    keep[:, ::2] = True
+    before = p.detach().clone()
+    p.grad = torch.randn(2, 8)
+    masked_step(opt, p, keep)
+    assert torch.equal(p[~keep], before[~keep])  # bit-exact
+    assert (p[keep] != before[keep]).all()
+
+    # the pitfall it avoids: zeroing the gradient alone still moves them (momentum + decay)
+    q = torch.nn.Parameter(before.clone())
+    opt2 = torch.optim.AdamW([q], lr=0.1, weight_decay=0.5)
+    q.grad = torch.randn(2, 8)
+    opt2.step()
+    frozen = q.detach().clone()
+    q.grad = torch.randn(2, 8) * keep
+    opt2.step()
+    assert (q[~keep] != frozen[~keep]).all()
+
+
+def test_gradient_invariance_mask_keeps_action_channels():
+    torch.manual_seed(0)
+    n, rows, dim = 4, 2, 8
+    base = torch.randn(n, rows, dim)
+    ctx = base.clone()
+    ctx[..., :4] += 3 * torch.randn(n, rows, 4)  # channels 0-3 react to the subject/background
+    act = base.clone()
+    act[..., 4:] += 3 * torch.randn(n, rows, 4)  # channels 4-7 react to the action
+    masker = GradientInvarianceMasker(rows, dim, quantile=0.5)
+    keep = masker.update(base, ctx, act)
+    assert keep.tolist() == [[False] * 4 + [True] * 4] * rows
+    # context pairs alone still find the context-sensitive channels
+    keep_ctx_only = GradientInvarianceMasker(rows, dim, quantile=0.5).update(base, ctx, None)
+    assert keep_ctx_only[:, :4].sum() == 0 and keep_ctx_only[:, 4:].all()
+    assert quantile_keep_mask(torch.randn(3, 10), 0.0).all()
+    assert (~quantile_keep_mask(torch.randn(3, 10), 0.3)).sum(-1).tolist() == [3, 3, 3]
+    with pytest.raises(LayergenError):
+        GradientInvarianceMasker(1, 4, quantile=1.0)
+    # momentum: a second, contradicting step only partly overrides the first
+    m = GradientInvarianceMasker(rows, dim, quantile=0.5, momentum=0.9)
+    m.update(base, ctx, act)
+    keep2 = m.update(base, act, ctx)
+    assert keep2.tolist() == keep.tolist()
+
+
+def test_prompt_substitution_and_masks():
+    tok = tiny_tokenizer()
+    unet = tiny_unet(4, 24, None)
+    ident = ActionIdentifier.for_unet(unet, "<jump>", initializer="star")
+    texts, spans = substitute_identifiers(["a red <jump>", "<jump> and a blue circle", "a green ring"],
+                                          {"<jump>": ident})
+    assert texts == ["a red star", "star and a blue circle", "a green ring"]
+    masks = identifier_masks(tok, texts, spans, 16)["<jump>"]
+    assert masks.shape == (3, 16)
+    assert masks[0].nonzero().flatten().tolist() == [3] and masks[1].nonzero().flatten().tolist() == [1]
+    assert not masks[2].any()
+    with pytest.raises(LayergenError, match="<run>.*not loaded"):
+        substitute_identifiers(["a cat <run>"], {"<jump>": ident})
+    with pytest.raises(LayergenError, match="token limit"):
+        identifier_masks(tok, ["a " * 20 + "star"], [[("<jump>", 40, 44)]], 16)
+
+
+def tiny_pipe(unet=None):
+    torch.manual_seed(0)
+    pipe = ActionPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(32), tokenizer=tiny_tokenizer(),
+                          unet=unet or tiny_unet(4, 32, None), scheduler=tiny_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_routes_identifier_in_conditional_branch_only(tmp_path):
+    pipe = tiny_pipe()
+    ident = ActionIdentifier.for_unet(pipe.unet, "<jump>", initializer="star")
+    with torch.no_grad():
+        ident.embeddings.normal_(0, 3)
+    plain = pipe("a red star", num_inference_steps=2, seed=0, output_type="np").images
+    path = ident.save(tmp_path / "jump.safetensors")
+    pipe.load_action_identifier(path)
+    seen = {}
+    name = cross_attention_layers(pipe.unet)[0]
+
+    def first_key_input(module, args):  # returns None: observe, never replace
+        seen.setdefault("k", args[0].detach().clone())
+
+    dict(pipe.unet.named_modules())[name].to_k.register_forward_pre_hook(first_key_input)
+    out = pipe("a red <jump>", num_inference_steps=2, seed=0, output_type="np").images
+    assert out.shape == (1, 32, 32, 3) and out.dtype == np.uint8
+    # same text, same seed: only the identifier differs
+    assert np.abs(out.astype(int) - plain.astype(int)).mean() > 0.5
+    k = seen["k"]  # [unconditional, conditional]
+    assert k.shape[0] == 2
+    row = ident.embeddings[ident.row_of(name)]
+    assert torch.allclose(k[1, 3], row) and not torch.allclose(k[0, 3], row)
+    # an identifier in the negative prompt is routed in the unconditional half instead
+    seen.clear()
+    pipe("a red star", negative_prompt="<jump>", num_inference_steps=1, seed=0, output_type="np")
+    assert torch.allclose(seen["k"][0, 1], row) and not torch.allclose(seen["k"][1, 1], row)
+    with pytest.raises(LayergenError, match="<walk>"):
+        pipe("a red <walk>", num_inference_steps=1)
+    pipe.unload_action_identifier()
+    again = pipe("a red star", num_inference_steps=2, seed=0, output_type="np").images
+    assert np.array_equal(again, plain)
+
+
+def test_identifier_file_roundtrip_and_other_unet_fails_clearly(tmp_path):
+    pipe = tiny_pipe()
+    ident = ActionIdentifier.for_unet(pipe.unet, "<jump>", initializer="star", base_model="mini-action")
+    with torch.no_grad():
+        ident.embeddings.normal_()
+    path = ident.save(tmp_path / "jump.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "layergen-action-identifier" and meta["base_model"] == "mini-action"
+    assert meta["layer_names"].count("attn2") == 4 and meta["unet_fingerprint"] == ident.config.unet_fingerprint
+    back = ActionIdentifier.load(path)
+    assert torch.equal(back.embeddings, ident.embeddings) and back.token == "<jump>"
+    assert back.config.layer_names == ident.config.layer_names
+
+    other_arch = tiny_pipe(sd15_like_unet())
+    with pytest.raises(LayergenError, match="made for another UNet.*16"):
+        other_arch.load_action_identifier(path)
+    torch.manual_seed(1)
+    retrained = tiny_unet(4, 32, None)
+    with torch.no_grad():
+        retrained.conv_in.weight.add_(0.1)
+    other_weights = tiny_pipe(retrained)
+    with pytest.raises(LayergenError, match="learned on base model mini-action"):
+        other_weights.load_action_identifier(path)
+    other_weights.load_action_identifier(path, strict=False)  # same architecture: allowed on request
+    renamed = pipe.load_action_identifier(path, token="<leap>")
+    assert set(pipe.action_identifiers) == {"<leap>"} and renamed.token == "<leap>"
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FormatError):
+        ActionIdentifier.load(tmp_path / "bad.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"<cat>": torch.zeros(1, 32)}, str(tmp_path / "ti.safetensors"))
+    with pytest.raises(FormatError, match="textual-inversion"):
+        ActionIdentifier.load(tmp_path / "ti.safetensors")
+
+
+def test_input_space_identifier_is_textual_inversion(tmp_path):
+    pipe = tiny_pipe()
+    ident = ActionIdentifier.for_unet(pipe.unet, "<jump>", kind="input", initializer="star", embedding_dim=32)
+    with torch.no_grad():
+        ident.embeddings.normal_(0, 2)
+    path = ident.save(tmp_path / "ti.safetensors")
+    plain = pipe("a red star", num_inference_steps=2, seed=0, output_type="np").images
+    pipe.load_action_identifier(path)
+    out = pipe("a red <jump>", num_inference_steps=2, seed=0, output_type="np").images
+    assert np.abs(out.astype(int) - plain.astype(int)).mean() > 0.5
+    # the same file is a valid diffusers textual-inversion embedding
+    pipe2 = tiny_pipe()
+    pipe2.load_textual_inversion(str(path), token="<jump>")
+    ref = pipe2("a red <jump>", num_inference_steps=2, seed=0, output_type="np").images
+    assert np.array_equal(ref, out)

@@ -1,0 +1,54 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from layergen.cli import main
+from layergen.models.action_identifier import ActionIdentifier
+from layergen.pipelines.pipeline_action import ActionPipeline
+from layergen.testing import tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    ActionPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(32), tokenizer=tiny_tokenizer(),
+                   unet=tiny_unet(4, 32, None), scheduler=tiny_scheduler()).save_pretrained(d)
+    return d
+
+
+def test_exemplars_learn_generate(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["action", "exemplars", "jump", "ex", "-n", "3", "--size", "32"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ex" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["action"] == "jump" and "jump" not in r["caption"] for r in rows)
+    assert all(Image.open(tmp_path / "ex" / r["file_name"]).size == (32, 32) for r in rows)
+
+    assert main(["action", "learn", "ex", "--name", "jump", "--model", str(model), "--steps", "2",
+                 "--num_exemplars", "3"]) == 0
+    ident = ActionIdentifier.load(tmp_path / "jump.safetensors")
+    assert ident.token == "<jump>" and ident.kind == "layerwise"
+    assert "<jump>" in capsys.readouterr().out
+
+    # the identifier is found as ./jump.safetensors from the prompt alone
+    assert main(["action", "generate", "a red star <jump>", "--model", str(model), "--steps", "2",
+                 "-o", "out.png", "-n", "2"]) == 0
+    imgs = [np.asarray(Image.open(tmp_path / f"out-{k}.png")) for k in range(2)]
+    assert imgs[0].shape == (32, 32, 3) and not np.array_equal(imgs[0], imgs[1])
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_clear_errors(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["action", "exemplars", "fly", "ex"]) == 2
+    assert "unknown action 'fly'" in capsys.readouterr().err
+    assert main(["action", "learn", "missing", "--name", "jump", "--model", str(model)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["action", "generate", "a cat <wave>", "--model", str(model), "-o", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "<wave>" in err and "layergen action learn" in err and not (tmp_path / "x.png").exists()
+    assert main(["action", "generate", "a cat", "--model", str(tmp_path / "nope")]) == 2
+    assert main(["action"]) == 2

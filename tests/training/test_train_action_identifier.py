@@ -1,0 +1,132 @@
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from layergen.data.figures import exemplar_set
+from layergen.models.action_identifier import ActionIdentifier, cross_attention_layers
+from layergen.pipelines.pipeline_action import ActionPipeline
+from layergen.testing import tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "training" / "train_action_identifier.py"
+
+
+def tiny_pipe():
+    torch.manual_seed(0)
+    pipe = ActionPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(32), tokenizer=tiny_tokenizer(),
+                          unet=tiny_unet(4, 32, None), scheduler=tiny_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("action")
+    tiny_pipe().save_pretrained(d / "pipe")
+    ex = d / "exemplars"
+    ex.mkdir()
+    rows = []
+    for k, s in enumerate(exemplar_set("jump", 3, size=32)):
+        Image.fromarray(s.image).save(ex / f"{k}.png")
+        rows.append(json.dumps({"file_name": f"{k}.png", **s.metadata()}))
+    (ex / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def script_args(parts, out, steps, *extra):
+    return ["--pretrained_model_name_or_path", str(parts / "pipe"), "--exemplars", str(parts / "exemplars"),
+            "--name", "jump", "--output_dir", str(out), "--initializer_token", "star", "--num_exemplars", "3",
+            "--train_batch_size", "2", "--steps", str(steps), "--checkpointing_steps", "1",
+            "--checkpoints_total_limit", "2", "--validation_steps", "2", "--num_validation_images", "1", *extra]
+
+
+def test_adi_script_trains_saves_loads_and_resumes(parts, tmp_path, capsys):
+    out = tmp_path / "run"
+    mask = ("--mask_quantile", "0.5", "--contrast", "render", "--num_contrast", "2")
+    res = subprocess.run([sys.executable, str(SCRIPT), *script_args(parts, out, 2, *mask)], capture_output=True,
+                         text=True, timeout=300)  # as a script, the way accelerate launch runs it
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "validation-2.png").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    ident = ActionIdentifier.load(out / "jump.safetensors")
+    pipe = ActionPipeline.from_pretrained(parts / "pipe")
+    assert ident.kind == "layerwise" and ident.token == "<jump>"
+    assert list(ident.config.layer_names) == cross_attention_layers(pipe.unet)
+    assert ident.config.base_model and ident.extra_metadata["mask_quantile"] == "0.5"
+    # the identifier moved from its initialisation (all rows start equal), differently per layer
+    emb = ident.embeddings
+    assert not torch.allclose(emb[0], emb[1])
+    pipe.load_action_identifier(out / "jump.safetensors")
+    img = pipe("a red <jump>", num_inference_steps=2, seed=0).images[0]
+    assert img.mode == "RGB" and img.size == (32, 32)
+
+    load_script().main(script_args(parts, out, 3, "--resume_from_checkpoint", "latest", *mask))
+    assert "resumed from" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    resumed = ActionIdentifier.load(out / "jump.safetensors")
+    assert not torch.equal(resumed.embeddings, emb)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_action_identifier_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_masked_channels_never_move_during_training(parts, tmp_path):
+    """Quantile 0.5 with per-step masks: every step, the masked half of each row keeps its value."""
+    mod = load_script()
+    args = mod.parse_args(["--name", "jump", "--output_dir", str(tmp_path), "--initializer_token", "star",
+                           "--num_exemplars", "3", "--steps", "3", "--mask_quantile", "0.5", "--contrast", "render",
+                           "--num_contrast", "1", "--validation_steps", "0", "--checkpointing_steps", "100",
+                           "--train_batch_size", "2"])
+    pipe = ActionPipeline.from_pretrained(parts / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    exemplars = mod.read_exemplars(parts / "exemplars", 3, 32)
+    history = []
+    original = mod.masked_step
+
+    def spy(optimizer, param, keep):
+        before = param.detach().clone()
+        original(optimizer, param, keep)
+        history.append((before, param.detach().clone(), keep.clone()))
+
+    mod.masked_step = spy
+    ident = mod.train(args, pipe=pipe, exemplars=exemplars, show_progress=False)
+    assert len(history) == 3
+    for before, after, keep in history:
+        assert (~keep).sum(-1).tolist() == [16] * ident.num_rows  # half of 32 channels per layer
+        assert torch.equal(after[~keep], before[~keep])
+        assert (after[keep] != before[keep]).float().mean() > 0.9
+    assert (tmp_path / "jump.safetensors").is_file()
+
+
+def test_textual_inversion_and_shared_token_variants(parts, tmp_path):
+    mod = load_script()
+    pipe = ActionPipeline.from_pretrained(parts / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    exemplars = mod.read_exemplars(parts / "exemplars", 3, 32)
+    common = ["--output_dir", str(tmp_path), "--initializer_token", "star", "--num_exemplars", "3", "--steps", "2",
+              "--validation_steps", "0", "--checkpointing_steps", "100", "--train_batch_size", "2"]
+    ti = mod.train(mod.parse_args(["--name", "ti", "--method", "textual_inversion", *common]), pipe=pipe,
+                   exemplars=exemplars, show_progress=False)
+    assert ti.kind == "input" and ti.embeddings.shape == (1, 32)
+    star = pipe.tokenizer("star", add_special_tokens=False).input_ids[0]
+    assert not torch.allclose(ti.embeddings[0], pipe.text_encoder.get_input_embeddings().weight[star])
+    shared = mod.train(mod.parse_args(["--name", "one", "--shared_token", "--mask_quantile", "0", *common]),
+                       pipe=pipe, exemplars=exemplars, show_progress=False)
+    assert shared.kind == "shared" and shared.embeddings.shape == (1, 32)
+    for name in ("ti", "one"):
+        pipe.load_action_identifier(tmp_path / f"{name}.safetensors")
+    out = pipe(["a red <ti>", "a red <one>"], num_inference_steps=2, seed=0, output_type="np").images
+    assert out.shape == (2, 32, 32, 3) and np.abs(out[0].astype(int) - out[1].astype(int)).mean() > 0
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--name", "x", "--output_dir", "o", "--method", "textual_inversion", "--shared_token"])

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Train the independent judges of the action benchmark on procedural renders.
+
+    python training/train_pose_classifier.py --task pose --output_dir runs/pose_clf
+    python training/train_pose_classifier.py --task subject --output_dir runs/subject_clf
+
+`--task pose` learns the 11 `ACTIONS` from the renders' known pose labels; `--task subject`
+learns species and colour. Neither ever sees generator output: that independence is what lets
+`benchmarks/actions.py` score generators with them. To make them robust to what a latent
+generator does to pixels, a fraction of training images goes through the frozen base VAE
+(`--vae`, encode + decode) and all get blur, noise and small shifts.
+
+Training seeds are below `HELDOUT_SEED_START`; accuracy on held-out seeds is printed and
+saved in `<output_dir>/classifier/metrics.json`. Resume with `--resume_from_checkpoint latest`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from layergen.data.figures import ACTIONS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure
+from layergen.models.figure_classifier import FigureClassifier
+from layergen.training_utils import resume_step, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+TASKS = {"pose": {"action": list(ACTIONS)}, "subject": {"species": list(SPECIES), "colour": list(FIGURE_COLOURS)}}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a pose or subject classifier of procedural figures.")
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--input_size", type=int, default=64)
+    p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 96, 128])
+    p.add_argument("--num_samples", type=int, default=6000)
+    p.add_argument("--num_eval", type=int, default=600)
+    p.add_argument("--data_cache", default=None, help="Folder for the rendered-data cache (shared by both tasks; "
+                                                        "default --output_dir).")
+    p.add_argument("--vae", default=None, help="Base VAE folder: round-trip --vae_fraction of the images through it.")
+    p.add_argument("--vae_fraction", type=float, default=0.5)
+    p.add_argument("--train_batch_size", type=int, default=64)
+    p.add_argument("--max_train_steps", type=int, default=1500)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=1)
+    p.add_argument("--resume_from_checkpoint", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def vae_roundtrip(vae, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    out = []
+    for k in range(0, len(images), batch):
+        x = torch.from_numpy(images[k:k + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((y.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def render_set(args, seeds, vae, desc, show):
+    figs = [make_figure(s, args.resolution) for s in tqdm(seeds, desc=desc, disable=not show)]
+    images = np.stack([f.image for f in figs])
+    if vae is not None and args.vae_fraction > 0:
+        rng = np.random.default_rng(seeds[0])
+        pick = np.flatnonzero(rng.random(len(images)) < args.vae_fraction)
+        if len(pick):
+            images[pick] = vae_roundtrip(vae, images[pick])
+    heads = {h: names for task in TASKS.values() for h, names in task.items()}  # all tasks share one cache
+    labels = {head: torch.tensor([names.index(getattr(f, head)) for f in figs]) for head, names in heads.items()}
+    return images, labels
+
+
+def augment(images: np.ndarray, gen: np.random.Generator) -> torch.Tensor:
+    """Blur, shift, brightness and noise: what a latent generator's samples differ by."""
+    out = []
+    for img in images:
+        x = img.astype(np.float32) / 255
+        sigma = gen.uniform(0, 1.5)
+        if sigma > 0.3:
+            x = cv2.GaussianBlur(x, (0, 0), sigma)
+        dx, dy = gen.integers(-6, 7, 2)
+        x = np.roll(x, (int(dy), int(dx)), axis=(0, 1))
+        x = x * gen.uniform(0.85, 1.15) + gen.normal(0, gen.uniform(0, 0.05), x.shape)
+        out.append(np.clip(x, 0, 1))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
+
+
+@torch.no_grad()
+def evaluate(model, images, labels) -> dict:
+    model.eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    logits = {k: [] for k in labels}
+    for i in range(0, len(x), 128):
+        for k, v in model(x[i:i + 128]).items():
+            logits[k].append(v)
+    model.train()
+    return {k: float((torch.cat(logits[k]).argmax(-1) == labels[k]).float().mean()) for k in labels}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    show = accelerator.is_local_main_process
+
+    vae = None
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
+    cache = Path(args.data_cache or out) / f"figures-{args.num_samples}-{args.resolution}-vae{bool(vae)}.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+    else:
+        with accelerator.main_process_first():
+            train = render_set(args, list(range(args.num_samples)), vae, "rendering", show)
+            evals = render_set(args, list(range(HELDOUT_SEED_START, HELDOUT_SEED_START + args.num_eval)), vae,
+                               "rendering held-out", show)
+        data = {"train": train, "eval": evals}
+        if accelerator.is_main_process:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(data, cache)
+    images, labels = data["train"]
+    labels = {k: v for k, v in labels.items() if k in TASKS[args.task]}
+    data["eval"] = (data["eval"][0], {k: v for k, v in data["eval"][1].items() if k in TASKS[args.task]})
+
+    model = FigureClassifier(heads=TASKS[args.task], input_size=args.input_size, channels=tuple(args.channels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, args.max_train_steps) / args.max_train_steps)))
+    model, optimizer, sched = accelerator.prepare(model, optimizer, sched)
+    step = resume_step(accelerator, out, args.resume_from_checkpoint)
+    gen = np.random.default_rng([args.seed, step, accelerator.process_index])
+    progress = tqdm(range(args.max_train_steps), initial=step, desc=f"{args.task}-classifier", disable=not show)
+    model.train()
+    while step < args.max_train_steps:
+        idx = gen.integers(0, len(images), args.train_batch_size)
+        x = augment(images[idx], gen).to(accelerator.device)
+        logits = model(x)
+        loss = sum(F.cross_entropy(logits[k], labels[k][idx].to(accelerator.device)) for k in labels)
+        accelerator.backward(loss)
+        optimizer.step()
+        sched.step()
+        optimizer.zero_grad()
+        step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+        if step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, out, step, args.checkpoints_total_limit)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model).eval()
+        metrics = evaluate(final, *data["eval"])
+        dest = out / "classifier"
+        final.save_pretrained(dest)
+        (dest / "metrics.json").write_text(json.dumps({"heldout_accuracy": metrics, "steps": step,
+                                                       "vae_roundtrip": bool(vae)}, indent=2) + "\n")
+        accelerator.print(f"held-out accuracy {metrics}; saved {dest}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
