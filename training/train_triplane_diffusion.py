@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +39,7 @@ from layergen.atomic import atomic_dir, write_text_atomic
 from layergen.data.mannequins import LAYER_NAMES
 from layergen.models.triplane import TriplaneDecoder, flip_x
 from layergen.models.triplane_unet import LayeredTriplaneUNet
-from layergen.training_utils import list_checkpoints, resume_step, rgba_preview, save_checkpoint, save_image_grid
+from layergen.training_utils import resume_step, rgba_preview, save_checkpoint, save_image_grid
 
 logger = logging.getLogger("train_triplane_diffusion")
 

@@ -167,25 +167,20 @@ def sample_decomposition(pipe, image: np.ndarray, mask: np.ndarray, generator=No
             _resize(on_grey, w, h).astype(np.float32))
 
 
-def run_decomposer(pipe, image, proposal, generator=None, num_inference_steps: int = 20, completion=None,
+def run_decomposer(pipe, image, proposal, hole, generator=None, num_inference_steps: int = 20, completion=None,
                    others=None):
-    """One learned peel: (alpha prior, background inside the hole, learned alpha)."""
-    from .proposals import dilate
-
+    """One learned peel: (background for the hole or None = use the classical completion, layer alpha)."""
     bg, alpha, _ = sample_decomposition(pipe, image, proposal.mask, generator, num_inference_steps)
     mode = getattr(pipe, "background_mode", "residual")
     if mode not in BACKGROUND_MODES:
         raise LayergenError(f"unknown background_mode {mode!r}; expected one of {BACKGROUND_MODES}")
-    hole = proposal.region | dilate(alpha > 0.05, 1) | dilate(proposal.mask, 1)
+    if mode == "classical":
+        return None, alpha
     if mode == "learned" or completion is None:
-        learned_bg = bg
-    else:
-        classical = completion(image, hole, ignore=None if others is None else others & ~hole)
-        if mode == "classical":
-            learned_bg = classical
-        else:  # residual: classical fill + what the model changes, decoded — no VAE reconstruction floor
-            learned_bg = np.clip(classical + (bg - _vae_roundtrip(pipe, classical)), 0, 1)
-    return alpha, learned_bg.astype(np.float32), alpha
+        return bg, alpha
+    # residual: classical fill + what the model changes, decoded — no VAE reconstruction floor
+    classical = completion(image, hole, ignore=None if others is None else others & ~hole)
+    return np.clip(classical + (bg - _vae_roundtrip(pipe, classical)), 0, 1).astype(np.float32), alpha
 
 
 @torch.no_grad()

@@ -147,20 +147,15 @@ class ForegroundExtraction:
 
     name = "extraction"
 
-    #: set by the pipeline when the prior is a full layer alpha (the learned decomposer), not a body matte
-    trust_prior = False
-
-    def __call__(self, image, background, region, alpha_prior=None, trust_prior: bool = False):
+    def __call__(self, image, background, region, alpha_prior=None, fixed=None):
+        """`fixed`: pixels whose alpha is already known (e.g. a glass body); the prior is kept there."""
         image = np.asarray(image, np.float32)
         background = np.asarray(background, np.float32)
         region = np.asarray(region).astype(bool)
         if alpha_prior is None:
             alpha_prior = np.zeros(region.shape, np.float32)
-        self.trust_prior = bool(trust_prior)
-        try:
-            return self.extract(image, background, region, np.asarray(alpha_prior, np.float32))
-        finally:
-            self.trust_prior = False
+        fixed = np.zeros(region.shape, bool) if fixed is None else np.asarray(fixed).astype(bool)
+        return self.extract(image, background, region, np.asarray(alpha_prior, np.float32), fixed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -171,7 +166,7 @@ class HardCut(ForegroundExtraction):
 
     name = "hard_cut"
 
-    def extract(self, image, background, region, alpha_prior):
+    def extract(self, image, background, region, alpha_prior, fixed):
         alpha = ((alpha_prior >= 0.5) & region).astype(np.float32)
         return image * alpha[..., None], alpha
 
@@ -192,7 +187,7 @@ class Unblend(ForegroundExtraction):
         self.glow_tints = tuple(float(t) for t in glow_tints)
         self.extra_colours = np.asarray(extra_colours, np.float32).reshape(-1, 3)
 
-    def extract(self, image, background, region, alpha_prior):
+    def extract(self, image, background, region, alpha_prior, fixed):
         h, w = region.shape
         rgb = np.zeros((h, w, 3), np.float32)
         alpha = np.zeros((h, w), np.float32)
@@ -220,11 +215,9 @@ class Unblend(ForegroundExtraction):
             better = r < best_r - 1e-6
             best_a = np.where(better, a, best_a)
             best_r = np.where(better, r, best_r)
-        if self.trust_prior:  # a learned full-layer alpha: keep it where it says anything (glass stays glass)
-            a = np.where(prior >= 0.02, np.clip(prior, 0.0, 1.0), best_a)
-        else:
-            a = np.maximum(best_a, np.clip(prior, 0.0, 1.0))
-            a = np.where(prior >= self.opaque_prior, 1.0, a)
+        a = np.maximum(best_a, np.clip(prior, 0.0, 1.0))
+        a = np.where(prior >= self.opaque_prior, 1.0, a)
+        a = np.where(fixed[region], np.clip(prior, 0.0, 1.0), a)  # known alpha (glass) stays
         a = np.where(changed, np.maximum(a, minimal_alpha(D, B)), 0.0)
         F = np.where(a[:, None] > 0, B + D / np.maximum(a[:, None], 1e-6), 0.0)
         rgb[region] = np.clip(F, 0.0, 1.0)

@@ -84,8 +84,13 @@ class BackgroundModel:
 
     background: np.ndarray
     foreground: np.ndarray  # bool: pixels the background does not explain
-    noise: float  # robust std of the residual on explained pixels
+    noise: float  # robust std of the pixel noise on explained pixels
     flat: bool  # True when the model explains the image's border (a design), False for photos
+    error: float = 0.0  # mean error of the completion on held-out background blocks
+
+    def effect_threshold(self, threshold: float) -> float:
+        """Residual that counts as an effect (shadow/glow): above noise and above what completion gets wrong."""
+        return max(0.5 * threshold, 4 * self.noise, 2.5 * min(self.error, 1.0))
 
 
 def initial_foreground(image: np.ndarray, threshold: float) -> np.ndarray:
@@ -143,15 +148,17 @@ def fit_background(image: np.ndarray, completer: BackgroundCompleter | None = No
             break
         fg = new_fg
     bg = completer(image, fg) if fg.any() and not fg.all() else image.copy()
-    res = np.abs(image - bg).max(-1)
-    noise = float(1.4826 * np.median(res[~fg])) if (~fg).any() else 1.0
+    import cv2
+
+    hp = np.abs(image - cv2.GaussianBlur(image, (0, 0), 1.0)).max(-1)
+    noise = float(1.4826 * np.median(hp[~fg])) if (~fg).any() else 1.0
     border = np.zeros((h, w), bool)
     b = max(1, min(h, w) // 25)
     border[:b], border[-b:], border[:, :b], border[:, -b:] = True, True, True, True
     flat = bool((~fg[border]).mean() >= min_border_fit and (~fg).mean() >= 0.3)
-    if flat:
-        flat = holdout_error(image, fg, fast) <= max_holdout_error
-    return BackgroundModel(bg, fg, noise, flat)
+    error = holdout_error(image, fg, fast) if flat else float("inf")
+    flat = flat and error <= max_holdout_error
+    return BackgroundModel(bg, fg, noise, flat, error)
 
 
 def holdout_error(image: np.ndarray, fg: np.ndarray, completer: BackgroundCompleter, blocks: int = 8) -> float:
@@ -403,7 +410,7 @@ class InstanceProposer:
     def _with_effects(self, image, body, model: BackgroundModel, source: str) -> InstanceProposal:
         if model.flat:
             region = effects_around(image, body, self.completer, self._radius(image),
-                                    max(self.threshold * 0.5, 4 * model.noise))
+                                    model.effect_threshold(self.threshold))
         else:
             region = dilate(body, max(1, min(image.shape[:2]) // 100))
         return InstanceProposal(body, region, source=source)
@@ -434,7 +441,7 @@ class AutomaticProposer(InstanceProposer):
         if props:
             for p in props:  # make sure faint effect tails that the global fit missed are included
                 p.region = p.region | effects_around(image, p.mask, self.completer, self._radius(image),
-                                                     max(self.threshold * 0.5, 4 * model.noise),
+                                                     model.effect_threshold(self.threshold),
                                                      limit=~_others(props, p))
             props.sort(key=lambda p: -p.area)
             return props[: self.max_instances]
@@ -508,7 +515,8 @@ class BoxProposer(InstanceProposer):
         grown = np.zeros((h, w), bool)
         for m in insides:
             grown |= dilate(m, self._radius(image))
-        model = fit_background(image, self.completer, self.threshold, init=grown)
+        # boxes localise the objects, so a rougher background model still separates them: looser flatness
+        model = fit_background(image, self.completer, self.threshold, init=grown, max_holdout_error=0.08)
         if not model.flat and grown.mean() > 0.7:  # boxes cover the image: judge flatness without them
             model.flat = fit_background(image, self.completer, self.threshold).flat
         if model.flat:
@@ -535,7 +543,7 @@ class BoxProposer(InstanceProposer):
                     others |= b
             if model.flat:
                 region = effects_around(image, body, self.completer, self._radius(image),
-                                        max(self.threshold * 0.5, 4 * model.noise), limit=~others)
+                                        model.effect_threshold(self.threshold), limit=~others)
             else:
                 region = dilate(body, max(1, min(h, w) // 100))
             p = InstanceProposal(body, region, source="box", metadata={"box": box})
@@ -679,7 +687,7 @@ class PointProposer(InstanceProposer):
                     props.append(best)
             for p in props:
                 p.region = p.region | effects_around(image, p.mask, self.completer, self._radius(image),
-                                                     max(self.threshold * 0.5, 4 * model.noise),
+                                                     model.effect_threshold(self.threshold),
                                                      limit=~_others(props, p))
             return props
         for x, y in pts:

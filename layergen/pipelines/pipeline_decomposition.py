@@ -234,37 +234,54 @@ class DecompositionPipeline(DiffusionPipeline):
         `others`: pixels of instances still in the image; the completion does not learn from them.
         """
         body = proposal.mask
+        prior = self.matting(image, body)
+        hole = proposal.region | dilate(prior > 0.01, 1) | dilate(body, 1)
+        learned_bg = learned_alpha = None
         if self.learned:
-            prior, learned_bg, learned_alpha = self.learned_step(image, proposal, generator, num_inference_steps,
-                                                                 others)
-            hole = proposal.region | dilate(learned_alpha > 0.05, 1) | dilate(body, 1)
-        else:
-            prior = self.matting(image, body)
-            learned_bg = None
-            hole = proposal.region | dilate(prior > 0.01, 1) | dilate(body, 1)
+            learned_bg, learned_alpha = self.learned_step(image, proposal, hole, generator, num_inference_steps, others)
+            # what the model puts in the layer near the instance joins the hole (effects the proposal missed)
+            hole = hole | (dilate(learned_alpha > 0.1, 1) & dilate(hole, max(2, min(image.shape[:2]) // 32)))
         if hole.all():
             hole = hole & ~_frame(hole.shape)
         ignore = None if others is None else others & ~hole
-        background = self.completion(image, hole, ignore=ignore) if learned_bg is None else image
+        background = self.completion(image, hole, ignore=ignore)
         if learned_bg is not None:
             background = np.where(hole[..., None], learned_bg, background)
-        glass = None if learned_bg is not None else estimate_translucency(image, background, body & (prior >= 0.5))
+        fixed = None
+        see_through = body & (prior >= 0.98)
+        glass = self.translucency(image, background, see_through, learned_alpha)
         if glass is not None:
             a, k = glass
-            see_through = body & (prior >= 0.98)
             prior = np.where(see_through, a, prior).astype(np.float32)
+            fixed = see_through
             # the background is visible through glass: recover it instead of inventing it
             recovered = np.clip((image - k) / max(1.0 - a, 1e-3), 0, 1)
             background = np.where(erode(see_through, 1)[..., None], recovered, background)
-        rgb, alpha = self.extraction(image, background, hole, prior, trust_prior=learned_bg is not None)
+        rgb, alpha = self.extraction(image, background, hole, prior, fixed=fixed)
         background = np.where(alpha[..., None] > 0, background, image)  # nothing explained by the layer is lost
         return rgb, alpha, background
 
-    def learned_step(self, image, proposal, generator=None, num_inference_steps: int = 20, others=None):
+    def translucency(self, image, background, body, learned_alpha=None):
+        """`(alpha, colour offset)` of a see-through body, or None when it is opaque.
+
+        Learned: the model's alpha over the body core. Classical: `estimate_translucency`.
+        """
+        if learned_alpha is None:
+            return estimate_translucency(image, background, body)
+        core = erode(body, 2)
+        if core.sum() < 20:
+            return None
+        a = float(np.median(learned_alpha[core]))
+        if not 0.15 <= a <= 0.8:
+            return None
+        colour = np.clip(np.median((image[core] - (1 - a) * background[core]) / a, 0), 0, 1)
+        return a, np.broadcast_to((a * colour).astype(np.float32), image.shape)
+
+    def learned_step(self, image, proposal, hole, generator=None, num_inference_steps: int = 20, others=None):
         from ..decompose.learned import run_decomposer
 
-        return run_decomposer(self, image, proposal, generator=generator, num_inference_steps=num_inference_steps,
-                              completion=self.completion, others=others)
+        return run_decomposer(self, image, proposal, hole, generator=generator,
+                              num_inference_steps=num_inference_steps, completion=self.completion, others=others)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()

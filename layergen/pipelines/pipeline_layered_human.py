@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from ..data.mannequins import LAYER_NAMES, REF_STEP, layer_index, parse_layers
+from ..data.mannequins import REF_STEP, layer_index, parse_layers
 from ..errors import LayergenError, ModelNotFoundError
 from ..models.triplane import TriplaneDecoder, grid_points
 from ..models.triplane_unet import LayeredTriplaneUNet
