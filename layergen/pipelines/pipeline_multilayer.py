@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from .layer_diffusion import (TASK_BACKGROUND_BEHIND_FOREGROUND, TASK_FOREGROUND
                               LayerDiffusionPipelineBase, to_rgba_tensor)
 
 ATTENTION_MODES = ("region", "full")
+BOX_FITS = ("crop", "scale")
 _PHRASE_SPLIT = re.compile(r"\s*(?:[,;]|\band\b)\s*", re.IGNORECASE)
 _ON = re.compile(r"\s+on\s+", re.IGNORECASE)
 
@@ -112,6 +113,46 @@ def background_prompt_of(layout: Layout) -> str:
 
 
 @dataclass
+class RegionSettings:
+    """How a box becomes a denoising region. Stored in every layer's metadata; `repaint` reuses it.
+
+    attention: "region" (denoise a crop of about box / fill) or "full" (the whole canvas, the baseline).
+    min_region_size: crops whose longer side is below this (px) are denoised upsampled to it.
+    box_fit: "crop" = hard binding: the latent outside the box is held empty, the layer is cut
+    to the box. "scale" = the latent is held empty only outside the box grown by `margin` (a
+    fraction of the box side), then the drawn object (alpha >= 0.5 bounding box) is scaled and
+    centred to fill the box, so an object drawn a little off-place or off-size is not clipped.
+    """
+
+    attention: str = "region"
+    fill: float = 0.65
+    min_region_size: int | None = None
+    box_fit: str = "crop"
+    margin: float = 0.25
+
+    def check(self) -> "RegionSettings":
+        if self.attention not in ATTENTION_MODES:
+            raise LayergenError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.box_fit not in BOX_FITS:
+            raise LayergenError(f"box_fit must be one of {BOX_FITS}, got {self.box_fit!r}")
+        if not 0.05 <= float(self.fill) <= 1.0:
+            raise LayergenError(f"fill must be in [0.05, 1], got {self.fill}")
+        if not 0.0 <= float(self.margin) <= 1.0:
+            raise LayergenError(f"margin must be in [0, 1], got {self.margin}")
+        mrs = self.min_region_size
+        if mrs is not None and (isinstance(mrs, bool) or not isinstance(mrs, int) or mrs < 1):
+            raise LayergenError(f"min_region_size must be a positive integer or None, got {mrs!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> "RegionSettings":
+        return cls(**{f.name: meta[f.name] for f in fields(cls) if meta.get(f.name) is not None}).check()
+
+
+@dataclass
 class _Region:
     """One layer to denoise: where its box is, which canvas crop it sees, at what working size."""
 
@@ -121,18 +162,54 @@ class _Region:
     seed: int
     crop: tuple[int, int, int, int]  # x, y, w, h on the canvas (may extend past the canvas)
     work: tuple[int, int]            # (h, w) pixels the crop is denoised at (multiple of the VAE factor)
+    settings: RegionSettings
 
     def mask(self, f: int) -> torch.Tensor:
-        """1 x 1 x h x w latent mask: 1 on latent cells the box touches, 0 elsewhere."""
+        """1 x 1 x h x w latent mask: 1 on latent cells the (grown, for box_fit="scale") box touches, 0 elsewhere."""
         cx, cy, cw, ch = self.crop
         wh, ww = self.work
         sx, sy = ww / cw, wh / ch
-        x0, y0 = math.floor((self.box.x - cx) * sx / f), math.floor((self.box.y - cy) * sy / f)
-        x1 = math.ceil((self.box.x + self.box.w - cx) * sx / f)
-        y1 = math.ceil((self.box.y + self.box.h - cy) * sy / f)
+        gx = self.settings.margin * self.box.w if self.settings.box_fit == "scale" else 0.0
+        gy = self.settings.margin * self.box.h if self.settings.box_fit == "scale" else 0.0
+        x0, y0 = math.floor((self.box.x - gx - cx) * sx / f), math.floor((self.box.y - gy - cy) * sy / f)
+        x1 = math.ceil((self.box.x + self.box.w + gx - cx) * sx / f)
+        y1 = math.ceil((self.box.y + self.box.h + gy - cy) * sy / f)
         m = torch.zeros(1, 1, wh // f, ww // f)
         m[..., max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1.0
         return m
+
+    def place(self, rgba: np.ndarray) -> np.ndarray:
+        """Decoded crop (work size) -> the box-sized layer pixels."""
+        cx, cy, cw, ch = self.crop
+        px = resize_rgba(rgba, ch, cw)
+        bx, by, bw, bh = self.box.x - cx, self.box.y - cy, self.box.w, self.box.h
+        if self.settings.box_fit == "scale":
+            fitted = fit_to_box(px, bw, bh)
+            if fitted is not None:
+                return fitted
+        return np.ascontiguousarray(px[by:by + bh, bx:bx + bw])
+
+
+def fit_to_box(rgba: np.ndarray, width: int, height: int, max_scale: float = 3.0) -> np.ndarray | None:
+    """Scale (uniformly) and centre the object of an RGBA crop so its alpha >= 0.5 bounding box fills a
+    width x height box; whatever else of the crop lands in the box (soft shadow, glow) comes along.
+    None if the crop holds no object."""
+    ys, xs = np.nonzero(rgba[..., 3] >= 128)
+    if len(xs) < 4:
+        return None
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    s = min(width / (x1 - x0), height / (y1 - y0), max_scale)
+    h, w = max(1, round(rgba.shape[0] * s)), max(1, round(rgba.shape[1] * s))
+    scaled = resize_rgba(rgba, h, w)
+    ox = int(round(width / 2 - (x0 + x1) / 2 * s))  # where the scaled crop's origin lands in the box
+    oy = int(round(height / 2 - (y0 + y1) / 2 * s))
+    out = np.zeros((height, width, 4), np.uint8)
+    sx0, sy0 = max(0, -ox), max(0, -oy)
+    dx0, dy0 = max(0, ox), max(0, oy)
+    cw_, ch_ = min(w - sx0, width - dx0), min(h - sy0, height - dy0)
+    if cw_ > 0 and ch_ > 0:
+        out[dy0:dy0 + ch_, dx0:dx0 + cw_] = scaled[sy0:sy0 + ch_, sx0:sx0 + cw_]
+    return out
 
 
 def _round_up(v: float, m: int) -> int:
@@ -219,9 +296,11 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         size = self.default_size()
         return Layout.from_boxes(layout, width or size, height or size, prompt, background_prompt).check_prompts()
 
-    def _crop_for(self, box: Box, width: int, height: int, attention: str, fill: float,
-                  min_region_size: int | None) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
-        return region_crop(box, width, height, self.vae_scale_factor, attention, fill, min_region_size)
+    def _region(self, index: int, box: Box, prompt: str, seed: int, width: int, height: int,
+                settings: RegionSettings) -> _Region:
+        crop, work = region_crop(box, width, height, self.vae_scale_factor, settings.attention, settings.fill,
+                                 settings.min_region_size)
+        return _Region(index, box, prompt, seed, crop, work, settings)
 
     def _empty_latent(self, cache: dict, h: int, w: int) -> torch.Tensor:
         """Latent of a fully transparent layer: what 'nothing here' looks like to the UNet."""
@@ -349,18 +428,13 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                                    callback_on_step_end, callback_tensor_inputs)
                 rgba = self.decode_transparent(lat, wh, ww, tta=tta)
                 for r, px in zip(chunk, rgba):
-                    cx, cy, cw, ch = r.crop
-                    px = resize_rgba(px, ch, cw)
-                    bx, by = r.box.x - cx, r.box.y - cy
-                    results[r.index] = np.ascontiguousarray(px[by:by + r.box.h, bx:bx + r.box.w])
+                    results[r.index] = r.place(px)
         return results
 
-    def _layer(self, region: _Region, pixels, bound: bool, steps, guidance_scale, attention, fill, min_region_size,
-               wave=None) -> Layer:
+    def _layer(self, region: _Region, pixels, bound: bool, steps, guidance_scale, wave=None) -> Layer:
         meta = self._provenance(region.prompt, region.seed, steps, guidance_scale, "instance")
         meta.update({"box": list(region.box.xywh), "bound": bound, "region": list(region.crop),
-                     "attention": attention, "fill": fill, "min_region_size": min_region_size,
-                     "layout_index": region.index})
+                     **region.settings.to_dict(), "layout_index": region.index})
         if wave is not None:
             meta["wave"] = wave
         name = region.box.name or f"{region.index + 1}: {region.prompt[:48]}"
@@ -380,17 +454,11 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                            progress_bar=progress_bar)
         return self.decode_opaque(lat, height, width)[0]
 
-    def _check(self, steps, guidance_scale, attention, fill, min_region_size, max_batch):
+    def _check(self, steps, guidance_scale, max_batch):
         if not isinstance(steps, int) or steps < 1:
             raise LayergenError(f"num_inference_steps must be a positive integer, got {steps!r}")
         if not np.isfinite(guidance_scale):
             raise LayergenError(f"guidance_scale must be finite, got {guidance_scale}")
-        if attention not in ATTENTION_MODES:
-            raise LayergenError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        if not 0.05 <= float(fill) <= 1.0:
-            raise LayergenError(f"fill must be in [0.05, 1], got {fill}")
-        if min_region_size is not None and (not isinstance(min_region_size, int) or min_region_size < 1):
-            raise LayergenError(f"min_region_size must be a positive integer or None, got {min_region_size!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise LayergenError(f"max_batch must be a positive integer, got {max_batch!r}")
 
@@ -408,7 +476,8 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                  background_prompt: str | None = None, background=None, num_inference_steps: int = 20,
                  guidance_scale: float = 5.0, negative_prompt: str | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, attention: str = "region", fill: float = 0.65,
-                 min_region_size: int | None = None, joint: bool = True, max_batch: int = 16,
+                 min_region_size: int | None = None, box_fit: str = "crop", margin: float = 0.25,
+                 joint: bool = True, max_batch: int = 16,
                  anonymous_order: str = "layout", tta: bool = True, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",)):
@@ -419,10 +488,13 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         `background`: an image to use instead of generating one. `attention`: "region" (crop per
         layer) or "full" (whole canvas per layer, the baseline). `fill`: box side / crop side.
         `min_region_size`: crops smaller than this (pixels) are denoised upsampled to it.
+        `box_fit` / `margin`: "crop" (hard: cut to the box) or "scale" (fit the object to the box);
+        see `RegionSettings`.
         `joint`: batch layers with disjoint boxes (False: strictly one after another).
         `output_type`: "pil", "np" or "stack"."""
         layout = self._layout(prompt, layout, height, width, background_prompt)
-        self._check(num_inference_steps, guidance_scale, attention, fill, min_region_size, max_batch)
+        self._check(num_inference_steps, guidance_scale, max_batch)
+        settings = RegionSettings(attention, fill, min_region_size, box_fit, margin).check()
         bad = [k for k in (callback_on_step_end_tensor_inputs or []) if k not in self._callback_tensor_inputs]
         if bad:
             raise LayergenError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")
@@ -436,8 +508,8 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         bg_prompt = background_prompt_of(layout)
         regions = []
         for i, (box, p) in enumerate(zip(layout.boxes, prompts)):
-            crop, work = self._crop_for(box, W, H, attention, fill, min_region_size)
-            regions.append(_Region(i, box, p, box.seed if box.seed is not None else base_seed + 1 + i, crop, work))
+            seed_i = box.seed if box.seed is not None else base_seed + 1 + i
+            regions.append(self._region(i, box, p, seed_i, W, H, settings))
         waves = self._waves(layout.boxes, joint)
 
         n_loops = sum(-(-sum(1 for r in regions if waves[r.index] == w and r.work == wk) // max_batch)
@@ -463,7 +535,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                                                callback_on_step_end_tensor_inputs or ())
                 for r in todo:
                     layers[r.index] = self._layer(r, pixels[r.index], bound[r.index], num_inference_steps,
-                                                  guidance_scale, attention, fill, min_region_size, wave=w)
+                                                  guidance_scale, wave=w)
         meta = {"prompt": layout.prompt, "background_prompt": bg_prompt, "layout": layout.to_dict(),
                 "seed": base_seed, "pipeline": type(self).__name__, "attention": attention}
         if unassigned:
@@ -493,8 +565,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         meta = dict(old.metadata)
         steps = num_inference_steps or int(meta.get("steps") or 20)
         gs = float(guidance_scale if guidance_scale is not None else meta.get("guidance_scale", 5.0))
-        self._check(steps, gs, meta.get("attention", "region"), meta.get("fill", 0.65),
-                    meta.get("min_region_size"), 1)
+        self._check(steps, gs, 1)
         self._guidance_scale = gs
         self._interrupt = False
         new_prompt = prompt if prompt is not None else meta.get("prompt")
@@ -526,15 +597,13 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                 box = parse_box(box)
             new_box = Layout.from_boxes([box], W, H, prompt=new_prompt).boxes[0]
             new_box.prompt, new_box.seed = new_prompt, new_seed
-            attention, fill = meta.get("attention", "region"), float(meta.get("fill", 0.65))
-            mrs = meta.get("min_region_size")
-            crop, work = self._crop_for(new_box, W, H, attention, fill, mrs)
-            region = _Region(int(meta.get("layout_index", i - 1)), new_box, new_prompt, new_seed, crop, work)
+            region = self._region(int(meta.get("layout_index", i - 1)), new_box, new_prompt, new_seed, W, H,
+                                  RegionSettings.from_metadata(meta))
             below = composite_layers(W, H, stack.layers[:i])
             with self.progress_bar(total=steps) as bar:
                 px = self._generate_layers([region], below, W, H, steps, negative_prompt, tta, 1, bar)
             layer = self._layer(region, px[region.index], True if prompt is not None else meta.get("bound", True),
-                                steps, gs, attention, fill, mrs)
+                                steps, gs)
             layer.name = old.name if prompt is None else f"{region.index + 1}: {new_prompt[:48]}"
             layer.opacity, layer.blend_mode, layer.visible = old.opacity, old.blend_mode, old.visible
             layer.metadata["repainted_from_seed"] = meta.get("seed")
