@@ -14,6 +14,13 @@ renders, and at the end a complete `LayeredHumanPipeline` folder (unet = EMA wei
 the stage-1 decoder, a DDIM scheduler) in `<output_dir>/pipeline`.
 
     python training/train_triplane_diffusion.py --data_dir runs/human_stage1 --output_dir runs/human_stage2
+
+CPU notes: `--mixed_precision bf16` runs the UNet under bf16 autocast (~1.5x faster on CPUs
+with AVX512-BF16), `--snr_gamma 5` (Min-SNR weighting) converges several times faster than
+the plain loss, and `--pretrained_unet` continues from an earlier run's weights with a
+fresh optimiser and schedule. The shipped mini model: 1200 steps (lr 3e-4, plain loss),
+then 2000 steps from that EMA with lr 5e-4, Min-SNR 5, bf16 (see
+assets/layergen-mini/human/README.md).
 """
 from __future__ import annotations
 
@@ -48,6 +55,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data_dir", required=True, help="stage-1 output: triplanes.safetensors + decoder/")
     p.add_argument("--output_dir", default="runs/human_stage2")
+    p.add_argument("--pretrained_unet", default=None,
+                   help="start from this LayeredTriplaneUNet folder (e.g. a checkpoint's unet_ema) instead of scratch")
     p.add_argument("--block_out_channels", default="32,64,64")
     p.add_argument("--layers_per_block", type=int, default=1)
     p.add_argument("--norm_num_groups", type=int, default=8)
@@ -65,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--num_train_timesteps", type=int, default=1000)
     p.add_argument("--beta_schedule", default="linear")
     p.add_argument("--target_std", type=float, default=0.5, help="data are scaled to this std per layer class")
+    p.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR loss weighting (Hang et al. 2023), e.g. 5.0; converges several times faster")
     p.add_argument("--no_flip", action="store_true", help="disable the mirror augmentation")
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
@@ -166,11 +177,16 @@ def main(argv=None):
     cond_std = float(torch.stack([dataset.condition(s, k) for s, k in dataset.items if k > 0]).std()) \
         if any(k > 0 for _, k in dataset.items) else 1.0
     boc = tuple(int(c) for c in args.block_out_channels.split(","))
-    unet = LayeredTriplaneUNet(plane_channels=planes.shape[3], plane_resolution=planes.shape[-1],
-                               block_out_channels=boc, layers_per_block=args.layers_per_block,
-                               norm_num_groups=args.norm_num_groups, num_layer_classes=len(LAYER_NAMES),
-                               add_attention=not args.no_attention, sample_scales=tuple(sample_scales),
-                               cond_scale=args.target_std / max(cond_std, 1e-4))
+    if args.pretrained_unet:
+        unet = LayeredTriplaneUNet.from_pretrained(args.pretrained_unet)
+        unet.train()
+        sample_scales = list(unet.config.sample_scales)
+    else:
+        unet = LayeredTriplaneUNet(plane_channels=planes.shape[3], plane_resolution=planes.shape[-1],
+                                   block_out_channels=boc, layers_per_block=args.layers_per_block,
+                                   norm_num_groups=args.norm_num_groups, num_layer_classes=len(LAYER_NAMES),
+                                   add_attention=not args.no_attention, sample_scales=tuple(sample_scales),
+                                   cond_scale=args.target_std / max(cond_std, 1e-4))
     accelerator.print(f"{len(dataset)} examples from {planes.shape[0]} subjects; "
                       f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params; "
                       f"class stds {[round(s, 4) for s in stds]}")
@@ -237,7 +253,14 @@ def main(argv=None):
                 target = x0
             with accelerator.accumulate(unet):
                 pred = unet(xt, t, label, cond).sample
-                loss = F.mse_loss(pred.float(), target.float())
+                if args.snr_gamma is None:
+                    loss = F.mse_loss(pred.float(), target.float())
+                else:
+                    snr = snr_of(noise_scheduler, t)
+                    w = torch.clamp(snr, max=args.snr_gamma)
+                    w = w / snr if args.prediction_type == "epsilon" else (w / (snr + 1) if args.prediction_type ==
+                                                                          "v_prediction" else w)
+                    loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3)) * w).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -273,6 +296,12 @@ def main(argv=None):
         if args.validation_steps:
             log_validation(model, decoder, noise_scheduler, args, accelerator, global_step)
     accelerator.end_training()
+
+
+def snr_of(noise_scheduler, t):
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t."""
+    ac = noise_scheduler.alphas_cumprod.to(t.device)[t]
+    return ac / (1 - ac)
 
 
 def _validate_with_ema(unet, ema, decoder, noise_scheduler, args, accelerator, step):

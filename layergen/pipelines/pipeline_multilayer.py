@@ -191,10 +191,15 @@ class _Region:
 
 
 def fit_to_box(rgba: np.ndarray, width: int, height: int, max_scale: float = 3.0) -> np.ndarray | None:
-    """Scale (uniformly) and centre the object of an RGBA crop so its alpha >= 0.5 bounding box fills a
-    width x height box; whatever else of the crop lands in the box (soft shadow, glow) comes along.
+    """Scale (uniformly) and centre the object of an RGBA crop so its bounding box fills a width x height
+    box; whatever else of the crop lands in the box (soft shadow, glow) comes along. The object is
+    where alpha reaches half the layer's near-peak alpha (so a 40 %-opaque glass body counts).
     None if the crop holds no object."""
-    ys, xs = np.nonzero(rgba[..., 3] >= 128)
+    a = rgba[..., 3]
+    peak = float(np.percentile(a, 99.5)) if a.any() else 0.0
+    if peak < 16:
+        return None
+    ys, xs = np.nonzero(a >= max(16.0, 0.5 * peak))
     if len(xs) < 4:
         return None
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
