@@ -3,14 +3,16 @@
 
 What: `MultiLayerPipeline` from `--model` (default: the bundled layergen-mini; `--tiny` uses the
 tiny random test components, for a smoke run) generates N box layers on a `--canvas` px canvas
-(default 256), for N in `--layers` (default 2 8 32 64), once with ``attention="region"`` (each
-layer denoised on a crop of about box / 0.65 around its box) and once with ``attention="full"``
-(the identical per-layer denoising on the whole canvas latent, box masked the same way). Both
+(default 512), for N in `--layers` (default 2 8 32 64), once with ``attention="region"`` (each
+layer denoised on a crop of about box / 0.65 around its box; with the pipeline's default
+`min_region_size` a crop smaller than the model's native size - 128 px for the mini - is denoised
+at that size) and once with ``attention="full"`` (the identical per-layer denoising on the whole
+canvas latent, box masked the same way). Both
 modes run in the same process, interleaved (region then full for each N), with the same seed,
 prompts, steps, CFG, batch size (`--max-batch`, default 16) and TTA off.
 
 Layout (seed `--seed`, default 0): an 8 x 8 grid of cells over the canvas, one `--box` px
-(default 24) box jittered inside each cell; N boxes are N cells drawn by a seeded permutation,
+(default 48) box jittered inside each cell; N boxes are N cells drawn by a seeded permutation,
 so boxes never overlap and every N uses the same box size (the cost should grow with the
 total box area). Box k gets the prompt "a <colour> <shape>" from the procedural vocabulary.
 A fixed background image is passed in both modes, so the timing covers the layers only (the
@@ -21,7 +23,7 @@ pre-call level (Linux VmHWM, reset through /proc/self/clear_refs; on CUDA the pe
 memory), and the machine-independent count of latent cells the UNet processed (sum over UNet
 calls of batch x h x w). The table prints region/full ratios of both.
 
-    python benchmarks/multilayer.py [--model PATH | --tiny] [--canvas 256] [--box 24] [--steps 4]
+    python benchmarks/multilayer.py [--model PATH | --tiny] [--canvas 512] [--box 48] [--steps 4]
 
 Writes benchmarks/results/multilayer.json. Done bar: region crop >= 4x faster than full
 attention at 32 layers, in the same run.
@@ -55,8 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="pipeline folder (default: bundled assets/layergen-mini)")
     p.add_argument("--tiny", action="store_true", help="tiny random components (smoke run; numbers meaningless)")
     p.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32, 64])
-    p.add_argument("--canvas", type=int, default=256, help="canvas side in pixels (default: 256)")
-    p.add_argument("--box", type=int, default=24, help="box side in pixels (default: 24)")
+    p.add_argument("--canvas", type=int, default=512, help="canvas side in pixels (default: 512)")
+    p.add_argument("--box", type=int, default=48, help="box side in pixels (default: 48)")
+    p.add_argument("--min-region-size", type=int, default=None,
+                   help="pipeline min_region_size (default: the pipeline's, the model's native size; 0 = off)")
     p.add_argument("--steps", type=int, default=4,
                    help="denoising steps (default: 4; both modes scale alike, so the ratio barely depends on it)")
     p.add_argument("--guidance", type=float, default=5.0)
@@ -165,7 +169,8 @@ def measure(pipe, args, boxes, attention, background):
             t0 = time.perf_counter()
             out = pipe("", layout=boxes, width=args.canvas, height=args.canvas, background=background,
                        num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                       attention=attention, max_batch=args.max_batch, tta=False, output_type="stack")
+                       attention=attention, max_batch=args.max_batch, tta=False, output_type="stack",
+                       min_region_size=args.min_region_size)
             if args.device.startswith("cuda"):
                 import torch
 
@@ -175,7 +180,9 @@ def measure(pipe, args, boxes, attention, background):
         hook.remove()
     stack = out.stacks[0]
     assert len(stack) == len(boxes) + 1
-    return {"seconds": seconds, "peak_mib": mem.mib, "unet_calls": len(cells), "latent_cells": sum(cells)}
+    region = stack[1].metadata["region"]
+    return {"seconds": seconds, "peak_mib": mem.mib, "unet_calls": len(cells), "latent_cells": sum(cells),
+            "crop_px": region[2:], "min_region_size": stack[1].metadata["min_region_size"]}
 
 
 def main(argv=None):
@@ -208,7 +215,9 @@ def main(argv=None):
         rows.append(row)
 
     print()
-    print(f"MultiLayerPipeline cost, {args.canvas}px canvas, {args.box}px boxes, {args.steps} steps, "
+    r0 = rows[0]["region"]
+    print(f"MultiLayerPipeline cost, {args.canvas}px canvas, {args.box}px boxes (region crop {r0['crop_px']} px, "
+          f"denoised at >= {r0['min_region_size']} px), {args.steps} steps, "
           f"CFG {args.guidance}, max_batch {args.max_batch}, seed {args.seed}, device {args.device}"
           f"{' (TINY random components)' if args.tiny else ''}")
     head = f"{'layers':>6} | {'region s':>9} {'full s':>9} {'speedup':>8} | {'region MiB':>10} {'full MiB':>9} " \

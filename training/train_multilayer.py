@@ -9,7 +9,8 @@ exactly that, from multi-object procedural scenes:
 
 * a training scene (`make_scene`, seeds below HELDOUT_SEED_START, 1-4 objects); one object k;
 * its box = the object's body box; its crop = `region_crop(box, fill=U(fill_min, fill_max))`,
-  the pipeline's own function, so training and inference crops match;
+  the pipeline's own function, resized to the pipeline's working size (crops below
+  `--min_region_size`, default the model's 128 px, are upsampled), so training matches inference;
 * condition = VAE latent of the crop of (background + objects below k), exactly composited;
 * target = the object's RGBA in the crop through the transparent encoder; text = its caption.
 
@@ -46,7 +47,7 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_sce
 from layergen.layers.compositing import composite_layers
 from layergen.layout import Box
 from layergen.models.transparent_codec import encode_rgba
-from layergen.pipelines.pipeline_multilayer import crop_pixels, region_crop
+from layergen.pipelines.pipeline_multilayer import crop_pixels, region_crop, resize_rgba
 from layergen.training_utils import resume_step, save_checkpoint, save_image_grid
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--fill_min", type=float, default=0.55)
     p.add_argument("--fill_max", type=float, default=0.75)
     p.add_argument("--max_objects", type=int, default=4)
+    p.add_argument("--min_region_size", type=int, default=None,
+                   help="Crops smaller than this are trained upsampled to it, as the pipeline denoises them "
+                        "(default: --resolution, the pipeline's default for the mini; 0 = native crop sizes).")
     p.add_argument("--train_batch_size", type=int, default=32)
     p.add_argument("--max_train_steps", type=int, default=1500)
     p.add_argument("--learning_rate", type=float, default=5e-5)
@@ -82,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.min_region_size is None:
+        args.min_region_size = args.resolution
     if not 0.05 <= args.fill_min <= args.fill_max <= 1.0:
         p.error("need 0.05 <= --fill_min <= --fill_max <= 1")
     if args.num_samples < 1 or args.num_samples >= HELDOUT_SEED_START:
@@ -113,14 +119,16 @@ def embed_texts(pipe, texts, batch=64):
 
 
 def region_sample(seed: int, size: int, f: int, args):
-    """(crop shape, condition RGB crop, target RGBA crop, caption) for one object of one training scene."""
+    """(work shape, condition RGB crop, target RGBA crop, caption) for one object of one training scene,
+    cropped and resized exactly as `MultiLayerPipeline` does at inference."""
     rng = np.random.default_rng([seed, 41])
     scene = make_scene(seed, size, num_objects=(1, args.max_objects))
     k = int(rng.integers(len(scene.objects)))
     obj = scene.objects[k]
     x0, y0, x1, y1 = obj.box
     box = Box(x0, y0, max(1, x1 - x0), max(1, y1 - y0))
-    crop, _ = region_crop(box, size, size, f, "region", float(rng.uniform(args.fill_min, args.fill_max)))
+    crop, work = region_crop(box, size, size, f, "region", float(rng.uniform(args.fill_min, args.fill_max)),
+                             args.min_region_size or None)
     stack = scene.to_stack()
     below = composite_layers(size, size, stack.layers[:k + 1])[..., :3]
     cond = crop_pixels(below, crop)
@@ -128,7 +136,12 @@ def region_sample(seed: int, size: int, f: int, args):
     padded[crop[3]:crop[3] + size, crop[2]:crop[2] + size] = obj.rgba
     cx, cy = crop[0] + crop[2], crop[1] + crop[3]
     target = padded[cy:cy + crop[3], cx:cx + crop[2]]
-    return (crop[3], crop[2]), cond, target, obj.caption
+    if work != (crop[3], crop[2]):
+        c = torch.from_numpy(np.ascontiguousarray(cond)).float().permute(2, 0, 1)[None] / 255.0
+        c = F.interpolate(c, size=work, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+        cond = np.floor(c[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        target = resize_rgba(np.ascontiguousarray(target), *work)
+    return work, cond, target, obj.caption
 
 
 @torch.no_grad()

@@ -13,10 +13,18 @@ Design (see docs/multilayer.md for the measurements behind the numbers):
   convolutions run over the crop's tokens only, so the cost grows with the total box area,
   not with layers x canvas. ``attention="full"`` runs the identical per-layer denoising on the
   whole canvas latent instead (the benchmark baseline).
-* **Box binding by latent masking.** Outside the box (inside the crop) the latent is reset at
-  every step to the noised latent of an *empty* transparent layer (the diffusers inpainting
-  recipe for plain UNets), so the content lands in the box; the decoded layer is then cropped
-  to its box, so a layer never leaks out of it.
+* **Working size.** A crop smaller than the model's native size (``min_region_size``, default
+  `default_size()`: 128 px for the mini) is denoised upsampled to it and the layer resized back:
+  the mini UNet only ever saw 16 x 16 latents and draws far worse shapes on 5 x 5 ones (measured:
+  shape accuracy 8 % native vs 26 % at 128 px on 12 held-out layouts). Large boxes keep their
+  own size, so on big canvases the cost still follows the box area.
+* **Box binding.** Outside the box (inside the crop) the latent is reset at every step to the
+  noised latent of an *empty* transparent layer (the diffusers inpainting recipe for plain
+  UNets), so the content lands in the box. ``box_fit="scale"`` (default) holds only the box
+  grown by ``margin`` (25 %) empty and then scales/centres the drawn object onto the box, so an
+  object the model drew a little off-place is not clipped (IoU of the object's bounding box
+  with its box 0.70 -> 0.81 on the 12 layouts); ``box_fit="crop"`` holds the exact box and cuts the layer there. Either way the layer
+  is box-sized, so it never leaks out of its box.
 * **Joint denoising in waves.** A layer whose box overlaps a box below it waits for that
   layer (it must see it); layers with mutually disjoint boxes form one wave and are denoised
   together, batched by crop size, in one UNet call per step (``joint=False``: one layer at a
@@ -127,7 +135,7 @@ class RegionSettings:
     attention: str = "region"
     fill: float = 0.65
     min_region_size: int | None = None
-    box_fit: str = "crop"
+    box_fit: str = "scale"
     margin: float = 0.25
 
     def check(self) -> "RegionSettings":
@@ -481,7 +489,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                  background_prompt: str | None = None, background=None, num_inference_steps: int = 20,
                  guidance_scale: float = 5.0, negative_prompt: str | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, attention: str = "region", fill: float = 0.65,
-                 min_region_size: int | None = None, box_fit: str = "crop", margin: float = 0.25,
+                 min_region_size: int | None = None, box_fit: str = "scale", margin: float = 0.25,
                  joint: bool = True, max_batch: int = 16,
                  anonymous_order: str = "layout", tta: bool = True, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end=None,
@@ -492,14 +500,17 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         or "x,y,w,h:prompt" strings (canvas = `width` x `height`, default the model's size).
         `background`: an image to use instead of generating one. `attention`: "region" (crop per
         layer) or "full" (whole canvas per layer, the baseline). `fill`: box side / crop side.
-        `min_region_size`: crops smaller than this (pixels) are denoised upsampled to it.
-        `box_fit` / `margin`: "crop" (hard: cut to the box) or "scale" (fit the object to the box);
-        see `RegionSettings`.
+        `min_region_size`: crops whose longer side is below this (pixels) are denoised upsampled to
+        it; None = the model's native size (`default_size()`: a small UNet like the mini degrades on
+        latents smaller than it was trained on), 0 = never. `box_fit` / `margin`: "scale" (fit the
+        drawn object to its box) or "crop" (hard: cut to the box); see `RegionSettings`.
         `joint`: batch layers with disjoint boxes (False: strictly one after another).
         `output_type`: "pil", "np" or "stack"."""
         layout = self._layout(prompt, layout, height, width, background_prompt)
         self._check(num_inference_steps, guidance_scale, max_batch)
-        settings = RegionSettings(attention, fill, min_region_size, box_fit, margin).check()
+        if min_region_size is None:
+            min_region_size = self.default_size()
+        settings = RegionSettings(attention, fill, min_region_size or None, box_fit, margin).check()
         bad = [k for k in (callback_on_step_end_tensor_inputs or []) if k not in self._callback_tensor_inputs]
         if bad:
             raise LayergenError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")

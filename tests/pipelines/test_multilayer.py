@@ -4,7 +4,8 @@ import pytest
 from layergen import LayergenError, LayerStack
 from layergen.layout import Box, Layout
 from layergen.pipelines import MultiLayerPipeline
-from layergen.pipelines.pipeline_multilayer import assign_prompts, split_prompt
+from layergen.pipelines.pipeline_multilayer import (RegionSettings, _Region, assign_prompts, fit_to_box,
+                                                    region_crop, split_prompt)
 from layergen.testing import tiny_layer_components
 
 PROMPT = "a red star, a blue ring and a green heart on a grey to white gradient background"
@@ -185,7 +186,7 @@ def test_sixty_four_layers(pipe):
     out = []
     shapes = unet_input_shapes(
         pipe, lambda: out.append(run(pipe, layout=boxes, num_inference_steps=1, guidance_scale=1.0,
-                                     output_type="stack")))
+                                     min_region_size=0, output_type="stack")))
     stack = out[0].stacks[0]
     assert len(stack) == 65
     assert [l.bbox for l in stack.layers[1:]] == [(x, y, x + 8, y + 8) for x, y, _, _ in boxes]
@@ -283,3 +284,40 @@ def test_callback_sees_every_loop(pipe):
     run(pipe, num_inference_steps=2, callback_on_step_end=lambda p, i, t, kw: calls.append(kw["latents"].shape) or {})
     assert len(calls) == 2 * 2, "two layer loops (the 32-px pair and the 40-px crop) x 2 steps"
     assert sorted(c[0] for c in calls) == [1, 1, 2, 2]
+
+
+# -- box binding -------------------------------------------------------------------------------
+
+def test_fit_to_box_scales_and_centres_the_object():
+    crop = np.zeros((40, 40, 4), np.uint8)
+    crop[5:11, 20:30] = (200, 10, 10, 255)         # a 10 x 6 object off-centre
+    crop[11:13, 22:32] = (0, 0, 0, 40)              # a faint shadow under it comes along
+    out = fit_to_box(crop, 20, 20)
+    ys, xs = np.nonzero(out[..., 3] >= 128)
+    assert (xs.min(), xs.max() + 1) == (0, 20), "uniform scale x2: the width fills the box"
+    assert ys.max() + 1 - ys.min() == 12 and ys.min() == 4, "height 6 -> 12, centred vertically"
+    assert (out[6:14, 2:18] == (200, 10, 10, 255)).all(), "the inside keeps its colour"
+    glass = np.zeros((40, 40, 4), np.uint8)
+    glass[10:30, 10:20] = (40, 80, 220, 100)        # a 40 %-opaque glass body is an object too
+    g = fit_to_box(glass, 10, 20)
+    assert (g[..., 3] > 90).all()
+    assert fit_to_box(np.zeros((16, 16, 4), np.uint8), 8, 8) is None
+
+
+def test_scale_fit_holds_only_the_grown_box_empty():
+    box = Box(40, 40, 40, 40)
+    crop, work = region_crop(box, 128, 128, 8, "region", 0.65)  # 64 px crop, box at 12..52 px
+    hard = _Region(0, box, "a star", 0, crop, work, RegionSettings(box_fit="crop")).mask(8)
+    soft = _Region(0, box, "a star", 0, crop, work, RegionSettings(box_fit="scale", margin=0.25)).mask(8)
+    assert hard.sum() == 36 and soft.sum() == 64 and bool(((hard == 1) <= (soft == 1)).all())
+
+
+def test_region_settings_go_into_metadata_and_repaint_reuses_them(pipe):
+    stack = run(pipe, box_fit="crop", margin=0.1, min_region_size=40, output_type="stack").stacks[0]
+    meta = stack[1].metadata
+    assert (meta["box_fit"], meta["margin"], meta["min_region_size"], meta["fill"]) == ("crop", 0.1, 40, 0.65)
+    assert run(pipe, output_type="stack").stacks[0][1].metadata["min_region_size"] == 32, "default: native size"
+    new = pipe.repaint(stack, 1, seed=2, tta=False).stacks[0]
+    assert (new[1].metadata["box_fit"], new[1].metadata["min_region_size"]) == ("crop", 40)
+    with pytest.raises(LayergenError, match="box_fit"):
+        run(pipe, box_fit="stretch")

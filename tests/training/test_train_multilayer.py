@@ -39,7 +39,8 @@ def test_region_samples_match_the_pipeline_crop(start):
         sys.path.pop(0)
     from layergen.data.scenes import make_scene
 
-    args = parse_args(["--pretrained", "x", "--output_dir", "y", "--fill_min", "0.65", "--fill_max", "0.65"])
+    args = parse_args(["--pretrained", "x", "--output_dir", "y", "--fill_min", "0.65", "--fill_max", "0.65",
+                       "--min_region_size", "0"])
     shape, cond, target, caption = region_sample(5, 128, 8, args)
     scene = make_scene(5, 128, num_objects=(1, 4))
     assert caption in [o.caption for o in scene.objects]
@@ -54,6 +55,9 @@ def test_region_samples_match_the_pipeline_crop(start):
     assert np.array_equal(target[max(0, -cy):max(0, -cy) + inside.shape[0],
                                  max(0, -cx):max(0, -cx) + inside.shape[1]], inside)
     assert target[..., 3].sum() == obj.rgba[..., 3].sum(), "the crop holds the whole object"
+    args.min_region_size = 128  # the default: small crops are trained at the pipeline's working size
+    shape, cond, target, _ = region_sample(5, 128, 8, args)
+    assert max(shape) == 128 and cond.shape[:2] == target.shape[:2] == shape
 
 
 @pytest.mark.slow  # two training subprocesses: about 100 s on the shared 2-core machine
