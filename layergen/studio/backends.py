@@ -439,6 +439,9 @@ class PipelineBackend(LayerBackend):
     `conditioned`: pipelines per condition kind, `{"background": ForegroundOnBackgroundPipeline,
     "foreground": BackgroundBehindForegroundPipeline}`; a kind without one goes to `generator`.
     `decomposer`: DecompositionPipeline (classical without weights, learned with them).
+    `multilayer`: MultiLayerPipeline for layouts and repaint (region-cropped joint denoising,
+    box binding, bit-exact repaint); without one, layouts are built layer by layer from
+    `generator` / `conditioned` (the `LayerBackend` defaults).
     A missing capability falls back to `fallback` (procedural). `call_kwargs` (e.g.
     `{"num_inference_steps": 20}`) and the condition image (`background=` / `foreground=`) are
     passed only when a pipeline's `__call__` accepts them. Outputs may be a `LayerPipelineOutput`
@@ -447,8 +450,9 @@ class PipelineBackend(LayerBackend):
 
     def __init__(self, generator=None, decomposer=None, conditioned: dict | None = None,
                  fallback: LayerBackend | None = None, call_kwargs: dict | None = None,
-                 description: str = "pipelines"):
+                 description: str = "pipelines", multilayer=None):
         self.generator = generator
+        self.multilayer = multilayer
         self.conditioned = dict(conditioned or {})
         self.decomposer = decomposer
         self.fallback = fallback or ProceduralBackend()
@@ -482,6 +486,40 @@ class PipelineBackend(LayerBackend):
             layer.name = (prompt or "layer")[:60]
         return layer
 
+    def generate_layout(self, prompt, boxes, seed, width, height, background: bool = True) -> list[Layer]:
+        if self.multilayer is None:
+            return super().generate_layout(prompt, boxes, seed, width, height, background)
+        boxes = check_boxes(boxes, width, height)
+        if not boxes:
+            if not background:
+                raise LayerError("draw or type at least one box, or tick 'background'")
+            # A background alone: the background-behind-nothing task of the same model.
+            empty = np.zeros((int(height), int(width), 4), np.uint8)
+            return [self.generate_layer(prompt, seed, width, height, Condition("foreground", empty))]
+        layout = [(b.x0, b.y0, b.width, b.height) + ((b.prompt,) if b.prompt else ()) for b in boxes]
+        kwargs = dict(self.call_kwargs, prompt=prompt or None, layout=layout, width=int(width),
+                      height=int(height), seed=int(seed), output_type="stack")
+        if not background:  # layers over a neutral canvas; the canvas itself is not returned
+            kwargs["background"] = np.full((int(height), int(width), 3), 128, np.uint8)
+        stack = _call_with_supported(self.multilayer, **kwargs).stacks[0]
+        layers = [layer.copy() for layer in stack.layers]
+        for layer in layers:
+            layer.metadata.setdefault("backend", self.description)
+        return layers if background else layers[1:]
+
+    def repaint(self, stack: LayerStack, index: int, prompt: str, seed: int) -> Layer:
+        old = stack[index]
+        # The multi-layer pipeline repaints layers it made (their box and region are in the metadata).
+        if self.multilayer is None or ("box" not in old.metadata and not _is_background(old)):
+            return super().repaint(stack, index, prompt, seed)
+        kwargs = dict(prompt=prompt or None, seed=int(seed), output_type="stack")
+        steps = self.call_kwargs.get("num_inference_steps")
+        if steps:
+            kwargs["num_inference_steps"] = steps
+        new = self.multilayer.repaint(stack, index, **kwargs).stacks[0][index].copy()
+        new.metadata.setdefault("backend", self.description)
+        return new
+
     def decompose(self, image, boxes=None) -> LayerStack:
         if self.decomposer is None:
             return self.fallback.decompose(image, boxes)
@@ -502,20 +540,22 @@ MINI_DECOMPOSER = "layergen-mini-decomposer"
 
 
 def _load_generator(model: str | None):
-    """(text -> layer pipeline, {condition kind: pipeline}) from `model` or the bundled layergen-mini."""
+    """(text -> layer pipeline, {condition kind: pipeline}, multi-layer pipeline or None) from `model`
+    or the bundled layergen-mini."""
     from .. import mini
 
     path = mini.check_model_dir(model if model else mini.mini_path())  # cheap checks before heavy imports
     pipe = mini.load_pipeline("transparent", path)
-    conditioned = {}
+    conditioned, multilayer = {}, None
     try:  # all LayerDiffusion tasks share one component set
-        from ..pipelines import BackgroundBehindForegroundPipeline, ForegroundOnBackgroundPipeline
+        from ..pipelines import BackgroundBehindForegroundPipeline, ForegroundOnBackgroundPipeline, MultiLayerPipeline
 
         conditioned = {"background": ForegroundOnBackgroundPipeline(**pipe.components),
                        "foreground": BackgroundBehindForegroundPipeline(**pipe.components)}
+        multilayer = MultiLayerPipeline(**pipe.components)
     except Exception as exc:  # noqa: BLE001 - conditioning is optional; plain generation still works
         logger.warning("studio: conditioned generation unavailable (%s)", exc)
-    return pipe, conditioned
+    return pipe, conditioned, multilayer
 
 
 def _load_decomposer(model: str | None):
@@ -540,10 +580,10 @@ def default_backends(model: str | None = None, decompose_model: str | None = Non
     """
     notes = []
     generator = decomposer = None
-    conditioned = {}
+    conditioned, multilayer = {}, None
     decomposer_name = "classical"
     try:
-        generator, conditioned = _load_generator(model)
+        generator, conditioned, multilayer = _load_generator(model)
     except Exception as exc:  # noqa: BLE001 - any failure of the optional default falls back
         if model:
             raise LayergenError(f"cannot load the layer model from {model}: {exc}") from exc
@@ -560,4 +600,5 @@ def default_backends(model: str | None = None, decompose_model: str | None = Non
         return ProceduralBackend()
     parts = [f"layers: {model or 'layergen-mini'}" if generator is not None else "layers: procedural demo",
              f"decomposition: {decomposer_name}" if decomposer is not None else "decomposition: grabcut demo"]
-    return PipelineBackend(generator, decomposer, conditioned=conditioned, description=", ".join(parts))
+    return PipelineBackend(generator, decomposer, conditioned=conditioned, multilayer=multilayer,
+                           description=", ".join(parts))

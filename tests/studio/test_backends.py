@@ -204,3 +204,37 @@ def test_default_backends_fall_back_or_fail_loudly(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "_load_generator", missing)
     with pytest.raises(LayergenError, match="cannot load the decomposition model"):
         default_backends(decompose_model=str(tmp_path))  # a folder without model_index.json
+
+
+def test_pipeline_backend_layouts_and_repaint_go_through_the_multilayer_pipeline():
+    """With a MultiLayerPipeline, a studio layout is one region-cropped joint generation and a repaint
+    leaves every other layer bit-identical (the pipeline's guarantee, reached through the adapter)."""
+    import torch
+
+    from layergen.pipelines import MultiLayerPipeline, TransparentLayerPipeline
+    from layergen.testing import tiny_layer_components
+
+    torch.manual_seed(0)
+    pipe = TransparentLayerPipeline(**tiny_layer_components(conditional=True))
+    backend = PipelineBackend(pipe, multilayer=MultiLayerPipeline(**pipe.components),
+                              call_kwargs={"num_inference_steps": 2, "tta": False}, description="tiny")
+    boxes = [Box(2, 2, 18, 18, "a red star"), Box(30, 30, 60, 60)]
+    layers = backend.generate_layout("a blue ring on a grey background", boxes, 4, 64, 64)
+    assert [l.kind for l in layers] == ["background", "instance", "instance"]
+    assert layers[1].metadata["prompt"] == "a red star" and layers[2].metadata["prompt"] == "a blue ring"
+    # each layer lies inside its box (the pipeline crops layers to their boxes)
+    for layer, box in zip(layers[1:], boxes):
+        assert (layer.x, layer.y) == (box.x0, box.y0)
+        assert layer.pixels.shape[:2] == (box.height, box.width)
+    assert layers[0].pixels.shape == (64, 64, 4) and (layers[0].pixels[..., 3] == 255).all()
+    again = backend.generate_layout("a blue ring on a grey background", boxes, 4, 64, 64)
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(layers, again))  # seeded
+
+    no_bg = backend.generate_layout("a blue ring", boxes, 4, 64, 64, background=False)
+    assert [l.kind for l in no_bg] == ["instance", "instance"]
+
+    stack = LayerStack(64, 64, layers)
+    new = backend.repaint(stack, 1, "a green heart", 9)
+    assert new.metadata["prompt"] == "a green heart" and (new.x, new.y) == (2, 2)
+    assert not np.array_equal(new.pixels, layers[1].pixels)
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(stack.layers, layers))  # input untouched
