@@ -87,6 +87,9 @@ def parse_args(argv=None):
                         "the anti-aliased edge band, where L1 alone tolerates large misses.")
     p.add_argument("--offset_l2_weight", type=float, default=0.0,
                    help="Penalty on the offset (in posterior stds) keeping latents near the VAE's posterior.")
+    p.add_argument("--freeze_encoder", action="store_true",
+                   help="Train the decoder only (with --pretrained_codec): the latents stay exactly the same, so a "
+                        "diffusion model trained on them needs no retraining.")
     p.add_argument("--backprop_through_vae", action="store_true",
                    help="Let gradients reach the encoder through the frozen VAE decoder too (slower).")
     p.add_argument("--train_batch_size", type=int, default=8)
@@ -107,6 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.freeze_encoder and not args.pretrained_codec:
+        p.error("--freeze_encoder needs --pretrained_codec (a trained encoder to keep)")
     if args.crop_size is not None and (args.crop_size % 8 or args.crop_size > args.resolution):
         p.error("--crop_size must be a multiple of 8 and at most --resolution")
     if not 0.0 <= args.scene_fraction <= 1.0:
@@ -275,10 +280,13 @@ def main(argv=None):
     accelerator.print(f"codec: encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M, decoder "
                       f"{sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, "
                       f"offset_scale {encoder.config.offset_scale:.4g}")
-    encoder.train()
     decoder.train()
-
-    params = list(encoder.parameters()) + list(decoder.parameters())
+    if args.freeze_encoder:
+        encoder.requires_grad_(False).eval().to(accelerator.device)
+        params = list(decoder.parameters())
+    else:
+        encoder.train()
+        params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     # The prepared scheduler steps once per process per optimisation step (diffusers convention).
     warmup, total = args.lr_warmup_steps * accelerator.num_processes, args.max_train_steps * accelerator.num_processes
@@ -288,8 +296,11 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True,
                                          num_workers=args.dataloader_num_workers, drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed))
-    encoder, decoder, optimizer, loader, scheduler = accelerator.prepare(encoder, decoder, optimizer, loader,
-                                                                         scheduler)
+    if args.freeze_encoder:  # DDP refuses a module without trainable parameters
+        decoder, optimizer, loader, scheduler = accelerator.prepare(decoder, optimizer, loader, scheduler)
+    else:
+        encoder, decoder, optimizer, loader, scheduler = accelerator.prepare(encoder, decoder, optimizer, loader,
+                                                                             scheduler)
     full_loader = None
     if args.crop_size and args.final_full_res_steps > 0:
         full_bs = max(1, args.train_batch_size * args.crop_size ** 2 // args.resolution ** 2)

@@ -114,3 +114,18 @@ def test_runs_under_accelerate_with_two_processes(tiny_vae_dir, tmp_path):
     assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()
     assert (out / "transparent_encoder" / "config.json").is_file()
     assert (out / "transparent_decoder" / "config.json").is_file()
+
+
+def test_freeze_encoder_fine_tunes_the_decoder_only(tiny_vae_dir, tmp_path):
+    """--freeze_encoder keeps every encoder weight bit-identical (latents stay valid) while the decoder learns."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--pretrained_vae", str(tiny_vae_dir), "--checkpointing_steps", "10", "--validation_steps", "10", *TINY]
+    run([*common, "--output_dir", str(first), "--max_train_steps", "1"])
+    run([*common, "--output_dir", str(second), "--max_train_steps", "2", "--pretrained_codec", str(first),
+         "--freeze_encoder", "--learning_rate", "1e-2"])
+    from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder
+    for cls, name, same in ((TransparentEncoder, "transparent_encoder", True),
+                            (TransparentDecoder, "transparent_decoder", False)):
+        a = cls.from_pretrained(first / name).state_dict()
+        b = cls.from_pretrained(second / name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a) is same, name
