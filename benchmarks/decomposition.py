@@ -1,8 +1,8 @@
 """Decomposition benchmark: flat procedural composites -> background + instance layers, against ground truth.
 
 What it compares (side by side, one run, same inputs):
-  * learned   — DecompositionPipeline with the bundled mini decomposer (skipped with a note when its
-                weights are missing: assets/layergen-mini-decomposer)
+  * learned   — DecompositionPipeline with the learned mini decomposer (`--model`, default the bundled
+                assets/layergen-mini; skipped with a note when its weights are missing)
   * classical — DecompositionPipeline defaults: box/residual proposals, closed-form matting,
                 StructureFill completion (1-D profiles, biharmonic fallback), unblending
   * naive     — the same proposals, hard mask cut + OpenCV Telea fill, no unblending
@@ -20,6 +20,10 @@ re-composite PSNR (capped at 100 dB), seconds per image (this machine, OMP_NUM_T
 
     python benchmarks/decomposition.py                 # 200 images, all methods
     python benchmarks/decomposition.py --num 20 --methods classical naive
+    python benchmarks/decomposition.py --max_minutes 20  # stop early on a slow machine; n is recorded
+
+With `--max_minutes` the run stops after the image that crosses the limit; every method has then
+seen the same first n images, and the JSON records n (`num_images`) next to the requested `--num`.
 """
 from __future__ import annotations
 
@@ -39,11 +43,12 @@ from layergen.atomic import write_text_atomic  # noqa: E402
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene  # noqa: E402
 from layergen.decompose.metrics import evaluate, summarise  # noqa: E402
 
-DEFAULT_MODEL = ROOT / "assets" / "layergen-mini-decomposer"
+DEFAULT_MODEL = ROOT / "assets" / "layergen-mini"
 COLUMNS = [("alpha_iou", "alpha IoU ↑", "{:.3f}"), ("rgb_l1", "RGB L1 ↓", "{:.4f}"),
            ("bg_psnr_occluded", "bg PSNR occl. ↑", "{:.2f}"), ("bg_psnr_occluded_pooled", "(pooled)", "{:.2f}"),
            ("shadow_in_layer", "shadow in layer ↑", "{:.3f}"), ("order_accuracy", "order acc. ↑", "{:.3f}"),
-           ("recomposite_psnr", "re-comp. PSNR ↑", "{:.1f}"), ("seconds_per_image", "s / image ↓", "{:.2f}")]
+           ("recomposite_psnr", "re-comp. PSNR ↑", "{:.1f}"), ("seconds_per_image", "s / image ↓", "{:.2f}"),
+           ("cpu_seconds_per_image", "CPU s / image ↓", "{:.2f}")]
 
 
 def parse_args(argv=None):
@@ -56,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", choices=["boxes", "automatic"], default="boxes")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="learned decomposer folder")
     p.add_argument("--steps", type=int, default=20, help="denoising steps of the learned decomposer")
+    p.add_argument("--max_minutes", type=float, default=None, help="stop after this much wall time (n is recorded)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "decomposition.json"))
     return p.parse_args(argv)
 
@@ -88,28 +94,38 @@ def main(argv=None):
             notes[m] = f"skipped: {exc}"
     rows = {m: [] for m in pipes}
     rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    done = 0
     for i in tqdm(range(args.num), desc="decomposition benchmark"):
+        if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+            break
         scene = make_scene(args.seed_start + i, args.size)
         boxes = [(o.box[0], o.box[1], o.box[2] - o.box[0], o.box[3] - o.box[1]) for o in scene.objects]
         boxes = [boxes[k] for k in rng.permutation(len(boxes))]
         for m, pipe in pipes.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = pipe(scene.composite, boxes=boxes if args.guidance == "boxes" else None,
                        num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(i))
             r = evaluate(out.stack, scene)
             r["seconds"] = time.perf_counter() - t
+            r["cpu_seconds"] = time.process_time() - c
             rows[m].append(r)
+        done += 1
     results = {m: summarise(v) for m, v in rows.items()}
+    for m, v in rows.items():  # wall time depends on what else the machine runs; CPU time less so
+        results[m]["cpu_seconds_per_image"] = float(np.mean([r["cpu_seconds"] for r in v])) if v else float("nan")
     header = f"{'method':<10} " + " ".join(f"{c[1]:>17}" for c in COLUMNS)
-    print(f"\nDecomposition on {args.num} held-out procedural scenes ({args.size} px, seeds {args.seed_start}+, "
+    print(f"\nDecomposition on {done} held-out procedural scenes ({args.size} px, seeds {args.seed_start}+, "
           f"guidance: {args.guidance}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     print(header)
     for m, s in results.items():
         print(f"{m:<10} " + " ".join(f"{c[2].format(s[c[0]]):>17}" for c in COLUMNS))
     for m, note in notes.items():
         print(f"{m:<10} {note}")
-    payload = {"benchmark": "decomposition", "num_images": args.num, "size": args.size,
+    payload = {"benchmark": "decomposition", "num_images": done, "num_requested": args.num, "size": args.size,
                "seed_start": args.seed_start, "guidance": args.guidance, "steps": args.steps,
+               "model": args.model if "learned" in pipes else None,
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "max_minutes": args.max_minutes,
                "results": results, "notes": notes,
                "metrics": "see layergen/decompose/metrics.py; bg PSNR capped at 60 dB per image"}
     write_text_atomic(args.output, json.dumps(payload, indent=2))

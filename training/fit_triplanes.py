@@ -69,6 +69,13 @@ def parse_args(argv=None):
     p.add_argument("--plane_channels", type=int, default=9)
     p.add_argument("--hidden_dim", type=int, default=64)
     p.add_argument("--no_shift", action="store_true", help="ablation: read all sub-planes at the same point")
+    p.add_argument("--init_planes", default="random", choices=["random", "template"],
+                   help="phase B start for body planes: 'random' N(0, 0.1) as in HumanLiff, or 'template': the mean "
+                        "phase-A body plane, so every subject's code is a deviation from one template (far less "
+                        "arbitrary per-subject content for stage 2 to model)")
+    p.add_argument("--template_from", default=None,
+                   help="tri-plane file whose mean body plane is the template (default: triplanes_joint.safetensors "
+                        "next to the decoder)")
     p.add_argument("--joint_steps", type=int, default=1500)
     p.add_argument("--planes_steps", type=int, default=500)
     p.add_argument("--group_size", type=int, default=32, help="phase B subjects fitted together")
@@ -130,10 +137,13 @@ def build_pools(subjects, pool_size, seed, desc="sampling points", disable=False
 class PlaneBank(nn.Module):
     """Tri-planes of many subjects as (S, slots, 3, C, R, R): slot 0 body, slot j a garment residual."""
 
-    def __init__(self, num_subjects, plane_shape, init_std=0.1, generator=None):
+    def __init__(self, num_subjects, plane_shape, init_std=0.1, generator=None, template=None):
         super().__init__()
         p = torch.zeros(num_subjects, NUM_SLOTS, *plane_shape)
-        p[:, 0] = torch.randn(num_subjects, *plane_shape, generator=generator) * init_std
+        if template is not None:  # every body starts at the same template code
+            p[:, 0] = template.to(p.dtype)
+        else:
+            p[:, 0] = torch.randn(num_subjects, *plane_shape, generator=generator) * init_std
         self.planes = nn.Parameter(p)
 
     def cumulative(self, present: torch.Tensor) -> torch.Tensor:
@@ -230,12 +240,12 @@ def cosine_factor(step, total, floor=0.1):
 
 
 # ----------------------------------------------------------------------------- phases
-def fit_planes_only(decoder, subjects, args, accelerator, seed, desc):
+def fit_planes_only(decoder, subjects, args, accelerator, seed, desc, template=None):
     """Phase B for one group: frozen decoder, planes of `subjects` only. Returns (planes, present)."""
     device = accelerator.device
     present = present_matrix(subjects)
     g = torch.Generator().manual_seed(seed)
-    bank = PlaneBank(len(subjects), decoder.plane_shape, generator=g)
+    bank = PlaneBank(len(subjects), decoder.plane_shape, generator=g, template=template)
     model = FitModel(decoder, bank, present).to(device)
     decoder.requires_grad_(False)
     pools = build_pools(subjects, args.pool_size, seed, desc=f"{desc}: points",
@@ -296,6 +306,15 @@ def evaluate(decoder, planes, present, subjects, args, out_dir=None, max_images=
             "rows": rows}
 
 
+def load_template(args, out) -> torch.Tensor:
+    """Mean body plane (3, C, R, R) of phase A's subjects: the common start of every phase-B body."""
+    path = Path(args.template_from) if args.template_from else (
+        Path(args.decoder_path).parent if args.decoder_path else out) / "triplanes_joint.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no phase-A planes for --init_planes template (pass --template_from)")
+    return load_file(str(path))["planes"][:, 0].float().mean(0)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
@@ -354,6 +373,7 @@ def main(argv=None):
             save_planes(out / "triplanes_joint.safetensors", unwrapped.bank.planes.detach().cpu(), present, subjects)
         accelerator.wait_for_everyone()
     decoder = decoder.to(accelerator.device).eval()
+    template = load_template(args, out) if args.init_planes == "template" else None
 
     # ---- phase B: planes only, in groups (new training subjects, then held-out subjects)
     new_seeds = list(range(args.new_subject_seed_start, args.new_subject_seed_start + args.num_new_subjects))
@@ -370,7 +390,7 @@ def main(argv=None):
             continue
         subjects = make_subjects(seeds, args)
         planes, present = fit_planes_only(decoder, subjects, args, accelerator, args.seed + 101 * (gi + 1),
-                                          desc=f"phase B: group {gi + 1}/{len(groups)} ({kind})")
+                                          desc=f"phase B: group {gi + 1}/{len(groups)} ({kind})", template=template)
         save_planes(path, planes, present, subjects)
     accelerator.wait_for_everyone()
 

@@ -278,12 +278,27 @@ def unet_kwargs(pipe, pooled, n, size):
     return {"added_cond_kwargs": pipe._added_cond_kwargs(pooled, size, size, n)}
 
 
-def per_sample_grads(pipe, ident, states_fn, latents, prompts, noise, t, noise_scheduler, size):
-    """Denoising loss of each sample and d(loss_b)/d(embeddings), one forward/backward for the batch."""
+def per_sample_grads(pipe, ident, states_fn, latents, prompts, noise, t, noise_scheduler, size,
+                     per_sample: bool = True):
+    """Denoising loss of each sample and d(loss_b)/d(embeddings), one forward/backward for the batch.
+
+    `per_sample=False` (no mask needs them): input-space identifiers encode each distinct prompt
+    once (textual inversion's "a <token>" is one prompt for the whole batch; the text encoder
+    dominates the step), and row b of the result holds the summed gradient of every sample
+    sharing its prompt (zero for the others) — the same mean gradient, several times cheaper.
+    """
     n = latents.shape[0]
     override = ident.embeddings.detach()[None].expand(n, -1, -1).clone().requires_grad_(True)
     router = install_identifier_processors(pipe.unet)
-    if ident.kind == "input":
+    if ident.kind == "input" and not per_sample:
+        unique = list(dict.fromkeys(prompts))
+        first = [prompts.index(u) for u in unique]
+        where = torch.tensor([unique.index(p) for p in prompts], device=latents.device)
+        states, pooled, _ = states_fn.with_input(unique, override[first])
+        states, pooled = states[where], (None if pooled is None else pooled[where])
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        pred = pipe.unet(noisy, t, encoder_hidden_states=states.to(latents), **unet_kwargs(pipe, pooled, n, size)).sample
+    elif ident.kind == "input":
         states, pooled, _ = states_fn.with_input(prompts, override)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         pred = pipe.unet(noisy, t, encoder_hidden_states=states.to(latents), **unet_kwargs(pipe, pooled, n, size)).sample
@@ -417,7 +432,8 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
         k = len(lat)
         latents = torch.cat(lat).to(accelerator.device)
         loss, grad = per_sample_grads(pipe, ident, states, latents, prm, noise.repeat(k, 1, 1, 1).to(latents),
-                                      t.repeat(k).to(latents.device), noise_scheduler, size)
+                                      t.repeat(k).to(latents.device), noise_scheduler, size,
+                                      per_sample=args.mask_quantile > 0)
         grad = accelerator.gather(grad.contiguous()) if accelerator.num_processes > 1 else grad
         g = grad.view(accelerator.num_processes, k, b, *grad.shape[1:]).transpose(0, 1).reshape(k, -1,
                                                                                                   *grad.shape[1:])

@@ -19,7 +19,8 @@ Latents are computed once into a cache, so a plain step costs one small UNet pas
         --codec assets/layergen-mini --output_dir runs/decomposer --max_train_steps 6000
 
 `--resume_from_checkpoint latest` resumes. The final folder `<output_dir>/pipeline` loads with
-`layergen.decompose.learned.load_decomposition_pipeline` (copy it to assets/layergen-mini-decomposer).
+`layergen.decompose.learned.load_decomposition_pipeline`; `scripts/install_mini_decomposer.py` installs a
+pipeline or a checkpoint (its EMA weights) into assets/layergen-mini/decomposer in fp16, sharing the mini VAE.
 """
 from __future__ import annotations
 

@@ -4,14 +4,16 @@
     python training/train_pose_classifier.py --task pose --output_dir runs/pose_clf
     python training/train_pose_classifier.py --task subject --output_dir runs/subject_clf
 
-`--task pose` learns the 11 `ACTIONS` from the renders' known pose labels; `--task subject`
-learns species and colour. Neither ever sees generator output: that independence is what lets
+`--task pose` learns the 11 `ACTIONS` from the renders' known pose labels (position-aware
+features); `--task subject` learns species and colour (translation-invariant pooling: a
+species cue such as ears or a beak can be anywhere in the frame). Neither ever sees generator output: that independence is what lets
 `benchmarks/actions.py` score generators with them. To make them robust to what a latent
 generator does to pixels, a fraction of training images goes through the frozen base VAE
 (`--vae`, encode + decode) and all get blur, noise and small shifts.
 
 Training seeds are below `HELDOUT_SEED_START`; accuracy on held-out seeds is printed and
-saved in `<output_dir>/classifier/metrics.json`. Resume with `--resume_from_checkpoint latest`.
+saved in `<output_dir>/classifier/metrics.json`, overall and split into clean renders and VAE
+round-trips (the latter is what generated images look like). Resume with `--resume_from_checkpoint latest`.
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--input_size", type=int, default=64)
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 96, 128])
+    p.add_argument("--pooling", default=None, choices=["flatten", "global"],
+                   help="Feature pooling (default: flatten for pose, global for subject).")
+    p.add_argument("--init_features", default=None,
+                   help="FigureClassifier folder whose convolutional trunk initialises this one (e.g. the pose "
+                        "classifier for the subject task: it already knows where the figure's parts are). "
+                        "Also a judge trained only on renders, so independence is kept.")
     p.add_argument("--num_samples", type=int, default=6000)
     p.add_argument("--num_eval", type=int, default=600)
     p.add_argument("--data_cache", default=None, help="Folder for the rendered-data cache (shared by both tasks; "
@@ -57,7 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoints_total_limit", type=int, default=1)
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.pooling is None:
+        args.pooling = "flatten" if args.task == "pose" else "global"
+    return args
 
 
 @torch.no_grad()
@@ -70,12 +81,16 @@ def vae_roundtrip(vae, images: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
+def vae_picks(seeds, fraction: float) -> np.ndarray:
+    """Which of `seeds` go through the VAE (a pure function of the seeds, so cached sets can be split)."""
+    return np.random.default_rng(seeds[0]).random(len(seeds)) < fraction
+
+
 def render_set(args, seeds, vae, desc, show):
     figs = [make_figure(s, args.resolution) for s in tqdm(seeds, desc=desc, disable=not show)]
     images = np.stack([f.image for f in figs])
     if vae is not None and args.vae_fraction > 0:
-        rng = np.random.default_rng(seeds[0])
-        pick = np.flatnonzero(rng.random(len(images)) < args.vae_fraction)
+        pick = np.flatnonzero(vae_picks(seeds, args.vae_fraction))
         if len(pick):
             images[pick] = vae_roundtrip(vae, images[pick])
     heads = {h: names for task in TASKS.values() for h, names in task.items()}  # all tasks share one cache
@@ -140,7 +155,14 @@ def main(argv=None):
     labels = {k: v for k, v in labels.items() if k in TASKS[args.task]}
     data["eval"] = (data["eval"][0], {k: v for k, v in data["eval"][1].items() if k in TASKS[args.task]})
 
-    model = FigureClassifier(heads=TASKS[args.task], input_size=args.input_size, channels=tuple(args.channels))
+    model = FigureClassifier(heads=TASKS[args.task], input_size=args.input_size, channels=tuple(args.channels),
+                             pooling=args.pooling)
+    if args.init_features:
+        donor = FigureClassifier.from_pretrained(args.init_features, torch_dtype=torch.float32)
+        if tuple(donor.config.channels) != tuple(args.channels):
+            raise ValueError(f"--init_features {args.init_features} has channels {donor.config.channels}, "
+                             f"this classifier {args.channels}")
+        model.features.load_state_dict(donor.features.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, args.max_train_steps) / args.max_train_steps)))
@@ -167,11 +189,19 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model).eval()
-        metrics = evaluate(final, *data["eval"])
+        eval_images, eval_labels = data["eval"]
+        metrics = evaluate(final, eval_images, eval_labels)
+        report = {"heldout_accuracy": metrics, "steps": step, "vae_roundtrip": bool(vae)}
+        if vae is not None and args.vae_fraction > 0:
+            picked = vae_picks(list(range(HELDOUT_SEED_START, HELDOUT_SEED_START + len(eval_images))),
+                               args.vae_fraction)
+            for name, sel in (("clean", ~picked), ("vae", picked)):
+                if sel.any():
+                    report[f"heldout_accuracy_{name}"] = evaluate(
+                        final, eval_images[sel], {k: v[torch.from_numpy(sel)] for k, v in eval_labels.items()})
         dest = out / "classifier"
         final.save_pretrained(dest)
-        (dest / "metrics.json").write_text(json.dumps({"heldout_accuracy": metrics, "steps": step,
-                                                       "vae_roundtrip": bool(vae)}, indent=2) + "\n")
+        (dest / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         accelerator.print(f"held-out accuracy {metrics}; saved {dest}")
     accelerator.end_training()
 

@@ -25,6 +25,7 @@ assets/layergen-mini/human/README.md).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -178,7 +179,12 @@ def main(argv=None):
         if any(k > 0 for _, k in dataset.items) else 1.0
     boc = tuple(int(c) for c in args.block_out_channels.split(","))
     if args.pretrained_unet:
-        unet = LayeredTriplaneUNet.from_pretrained(args.pretrained_unet)
+        src = LayeredTriplaneUNet.from_pretrained(args.pretrained_unet)
+        # an EMA folder's config also carries EMAModel's settings (decay, ...): keep only the model's own
+        own = set(inspect.signature(LayeredTriplaneUNet.__init__).parameters) - {"self"}
+        unet = LayeredTriplaneUNet.from_config({k: v for k, v in src.config.items() if k in own})
+        unet.load_state_dict(src.state_dict())
+        del src
         unet.train()
         sample_scales = list(unet.config.sample_scales)
     else:

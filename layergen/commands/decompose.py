@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                "  layergen decompose photo.png -o layers.psd\n"
                "  layergen decompose poster.png -o layers.ora --box 10,20,64,48 --box 80,30,40,40\n"
                "  layergen decompose scene.png -o out_dir --layers 3 --recursive\n"
-               "  layergen decompose scene.png -o layers.psd --model assets/layergen-mini-decomposer",
+               "  layergen decompose scene.png -o layers.psd --learned   # the learned mini decomposer",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, WebP, TIFF...; gray, RGB, 16-bit ok)")
@@ -54,8 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--recursive", action="store_true",
                    help="peel the top layer and search again on what is revealed, up to --layers times")
     p.add_argument("--model", metavar="DIR",
-                   help="a learned decomposer folder (diffusers layout); default: the classical pipeline, "
-                        "or the bundled mini decomposer when --learned is given")
+                   help="a learned decomposer folder (decomposer/ + vae/); default: the classical pipeline, "
+                        "or the bundled mini family (assets/layergen-mini) when --learned is given")
     p.add_argument("--learned", action="store_true", help="use the bundled learned mini decomposer")
     p.add_argument("--steps", type=int, default=20, help="denoising steps of the learned decomposer (default 20)")
     p.add_argument("--completion", choices=["structure", "biharmonic", "opencv", "pyramid"], default="structure",

@@ -11,7 +11,8 @@ def register(subparsers) -> None:
         "studio",
         help="launch the layer studio (Gradio app) in your browser",
         description="Serve the layer studio on this machine: generate transparent layers, lay out many at\n"
-                    "once, repaint one, decompose a picture, edit the stack, export PSD / OpenRaster.\n"
+                    "once, repaint one, decompose a picture, edit the stack, export PSD / OpenRaster; a\n"
+                    "'3D human' tab generates layered 3D humans (meshes you can orbit, turntables).\n"
                     "Runs on the bundled mini models unless --model/--decompose-model are given; without\n"
                     "any weights it falls back to a procedural demo backend (say so with --procedural).\n"
                     "It listens on 127.0.0.1 only unless --host says otherwise; no public share links.",
@@ -26,6 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--model", metavar="PATH", help="transparent-layer pipeline folder (diffusers layout)")
     p.add_argument("--decompose-model", metavar="PATH", help="decomposition pipeline folder (diffusers layout)")
+    p.add_argument("--human-model", metavar="PATH",
+                   help="LayeredHumanPipeline folder for the 3D human tab (default: bundled layergen-mini human)")
     p.add_argument("--procedural", action="store_true",
                    help="use the procedural demo backend (no weights; deterministic shapes)")
     p.add_argument("--max-upload-mb", type=int, default=64, help="largest file a user may upload (default 64)")
@@ -49,8 +52,12 @@ def run(args) -> int:
 
     backends = ProceduralBackend() if args.procedural else default_backends(args.model, args.decompose_model)
     print(f"layergen studio: backend = {backends.description or backends.name}")
-    from ..studio.app import launch
+    from ..studio.app import default_extra_tabs, launch
 
+    if args.human_model:
+        from ..mini import check_model_dir
+
+        check_model_dir(args.human_model)
     launch(backends, host=args.host, port=args.port, inbrowser=args.open,
-           max_upload_bytes=args.max_upload_mb * 2**20)
+           max_upload_bytes=args.max_upload_mb * 2**20, extra_tabs=default_extra_tabs(args.human_model))
     return 0

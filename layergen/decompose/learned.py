@@ -28,7 +28,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import LayergenError, ModelNotFoundError
 
-DEFAULT_DECOMPOSER = Path(__file__).resolve().parents[2] / "assets" / "layergen-mini-decomposer"
+DEFAULT_DECOMPOSER = Path(__file__).resolve().parents[2] / "assets" / "layergen-mini"
 BACKGROUND_MODES = ("learned", "residual", "classical")
 
 
@@ -194,9 +194,12 @@ def _vae_roundtrip(pipe, image: np.ndarray) -> np.ndarray:
 
 
 def load_decomposition_pipeline(path=None, background_mode: str = "residual", **kwargs):
-    """The learned `DecompositionPipeline` from a folder (default: the bundled mini decomposer).
+    """The learned `DecompositionPipeline` from a folder (default: the bundled mini family, assets/layergen-mini).
 
-    The folder holds `decomposer/`, `vae/`, `scheduler/` and optionally `codec/` (a TransparentDecoder).
+    The folder holds `decomposer/`, `vae/` and optionally `scheduler/` and `codec/` (a TransparentDecoder).
+    In the mini family `vae/` is shared with the text-to-layer model, so the decomposer's own scheduler
+    config lives in `decomposer/scheduler_config.json` (preferred over `scheduler/` when present).
+    Weights stored in fp16 load as fp32 (CPU inference).
     """
     from diffusers import AutoencoderKL, DDIMScheduler
 
@@ -207,15 +210,21 @@ def load_decomposition_pipeline(path=None, background_mode: str = "residual", **
         raise ModelNotFoundError(
             f"{path}: no learned decomposer here (expected decomposer/config.json). Train one with "
             "training/train_decomposer.py, or omit --model/--learned to use the classical pipeline")
-    decomposer = LayerDecomposer.from_pretrained(path / "decomposer").eval()
-    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).eval()
+    if not (path / "vae" / "config.json").is_file():
+        raise ModelNotFoundError(f"{path}: the learned decomposer needs its VAE in {path / 'vae'}")
+    decomposer = LayerDecomposer.from_pretrained(path / "decomposer", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, torch_dtype=torch.float32).eval()
     codec = None
     if (path / "codec" / "config.json").is_file():
         from ..models.transparent_codec import TransparentDecoder
 
         codec = TransparentDecoder.from_pretrained(path / "codec").eval()
-    scheduler = DDIMScheduler.from_pretrained(path / "scheduler") if (path / "scheduler").is_dir() else \
-        DDIMScheduler(prediction_type="v_prediction")
+    if (path / "decomposer" / "scheduler_config.json").is_file():
+        scheduler = DDIMScheduler.from_pretrained(path / "decomposer")
+    elif (path / "scheduler").is_dir():
+        scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+    else:
+        scheduler = DDIMScheduler(prediction_type="v_prediction")
     pipe = DecompositionPipeline(decomposer=decomposer, vae=vae, codec=codec, scheduler=scheduler, **kwargs)
     pipe.background_mode = background_mode
     return pipe

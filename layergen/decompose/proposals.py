@@ -155,17 +155,25 @@ def fit_background(image: np.ndarray, completer: BackgroundCompleter | None = No
     border = np.zeros((h, w), bool)
     b = max(1, min(h, w) // 25)
     border[:b], border[-b:], border[:, :b], border[:, -b:] = True, True, True, True
+    if init is not None and (border & ~init).sum() >= 0.25 * border.sum():
+        border &= ~init  # objects the user boxed may touch the frame: judge the rest of it
     flat = bool((~fg[border]).mean() >= min_border_fit and (~fg).mean() >= 0.3)
-    error = holdout_error(image, fg, fast) if flat else float("inf")
+    error, fill_noise = holdout_stats(image, fg, fast) if flat else (float("inf"), float("inf"))
     flat = flat and error <= max_holdout_error
+    # the high-pass counts every edge of a striped or horizon background as noise (4x that hid faint
+    # shadows); what the completion gets wrong on held-out background is the noise effects must beat
+    noise = min(noise, fill_noise)
     return BackgroundModel(bg, fg, noise, flat, error)
 
 
-def holdout_error(image: np.ndarray, fg: np.ndarray, completer: BackgroundCompleter, blocks: int = 8) -> float:
+def holdout_stats(image: np.ndarray, fg: np.ndarray, completer: BackgroundCompleter,
+                  blocks: int = 8) -> tuple[float, float]:
     """How well the background model predicts background it has not seen: hide a few blocks, fill, compare.
 
     Why: designs have backgrounds a model can continue (gradients, stripes,
-    smooth textures); photos do not. Median over blocks of the mean error.
+    smooth textures); photos do not. Returns the median over blocks of the
+    mean error, and the robust std (1.4826 MAD) of the per-pixel residual
+    (`residual`, as effect detection sees it) over all held-out pixels.
     """
     h, w = fg.shape
     size = max(3, min(h, w) // 10)
@@ -173,14 +181,20 @@ def holdout_error(image: np.ndarray, fg: np.ndarray, completer: BackgroundComple
     away = ~dilate(fg, size)
     ys, xs = np.nonzero(away[: h - size, : w - size]) if h > size and w > size else (np.array([]), np.array([]))
     if len(ys) == 0:
-        return np.inf
-    errs = []
+        return np.inf, np.inf
+    errs, res = [], []
     for k in rng.choice(len(ys), size=min(blocks, len(ys)), replace=False):
         hole = np.zeros((h, w), bool)
         hole[ys[k]:ys[k] + size, xs[k]:xs[k] + size] = True
         filled = completer(image, hole, ignore=fg)
         errs.append(float(np.abs(filled - image)[hole].mean()))
-    return float(np.median(errs))
+        res.append(residual(image, filled)[erode(hole, 1)])
+    return float(np.median(errs)), float(1.4826 * np.median(np.concatenate(res)))
+
+
+def holdout_error(image: np.ndarray, fg: np.ndarray, completer: BackgroundCompleter, blocks: int = 8) -> float:
+    """Median over held-out blocks of the completion's mean error (see `holdout_stats`)."""
+    return holdout_stats(image, fg, completer, blocks)[0]
 
 
 def _split_by_colour(image: np.ndarray, component: np.ndarray, body: np.ndarray, min_area: int) -> list[np.ndarray]:
@@ -257,6 +271,72 @@ def shadow_like(image: np.ndarray, background: np.ndarray, tol: float = 0.04) ->
     s = num / den
     # s >= 0.25: a shadow dims the background, it does not blacken it (black objects are bodies)
     return (s < 0.97) & (s >= 0.25) & (np.abs(image - s[..., None] * background).max(-1) < tol)
+
+
+def cast_shadows(image: np.ndarray, props: list[InstanceProposal], max_scale: float = 0.85, tol: float = 0.04,
+                 min_pixels: int = 4) -> None:
+    """Give each proposal the shadow it casts onto *another* object (in place).
+
+    Why: a shadow falling on a lower object is not a darkened background, so
+    `shadow_like` misses it and the pixels end up in the lower object's body.
+    Pixels of body k that are its own colour darkened (`I = s C_k`,
+    0.25 <= s <= `max_scale`; objects' own shading stays above that) and that
+    touch another proposal's body or region join that proposal's region. They
+    stay in body k too: the pipeline completes them from k's own colour
+    (`layered_fill`), so unblending recovers the shadow's alpha over k.
+    """
+    from scipy import ndimage
+
+    from .matting import dominant_colours
+
+    if len(props) < 2:
+        return
+    for k, pk in enumerate(props):
+        if pk.mask.sum() < 4 * min_pixels:
+            continue
+        cols = dominant_colours(image[pk.mask], max_colours=2, radius=0.08, min_share=0.25)
+        if not len(cols):
+            continue
+        best = np.zeros(pk.mask.shape, bool)
+        for c in cols:
+            if c.max() < 0.08:  # a black object cannot be darkened visibly
+                continue
+            sc = (image * c).sum(-1) / max(float((c * c).sum()), 1e-6)
+            fit = np.abs(image - sc[..., None] * c).max(-1) < tol
+            best |= fit & (sc >= 0.25) & (sc <= max_scale)
+        cand = best & pk.mask
+        if cand.sum() < min_pixels:
+            continue
+        lab, n = ndimage.label(cand)
+        for j, pj in enumerate(props):
+            if j == k:
+                continue
+            touch = dilate(pj.mask | (pj.region & ~pk.mask), 1)
+            keep = np.unique(lab[touch & cand])
+            keep = keep[keep > 0]
+            if len(keep):
+                shadow = np.isin(lab, keep)
+                pj.region = pj.region | shadow
+                pj.metadata.setdefault("cast_on", []).append(k)
+
+
+def layered_fill(image: np.ndarray, hole: np.ndarray, below: list[np.ndarray]) -> np.ndarray | None:
+    """Completion of `hole` pixels that lie on a lower object: push-pull from that object's own visible pixels.
+
+    Returns the filled image (only hole & body pixels changed) or None when no hole pixel is on a lower body.
+    """
+    from .completion import PyramidFill
+
+    out = None
+    for body in below:
+        part = hole & body
+        known = body & ~hole
+        if not part.any() or known.sum() < 4:
+            continue
+        out = image.copy() if out is None else out
+        filled = PyramidFill().fill(image, ~known)
+        out[part] = np.clip(filled[part], 0, 1)
+    return out
 
 
 def flat_proposals(image: np.ndarray, model: BackgroundModel, min_area_fraction: float = 0.002,
@@ -443,6 +523,7 @@ class AutomaticProposer(InstanceProposer):
                 p.region = p.region | effects_around(image, p.mask, self.completer, self._radius(image),
                                                      model.effect_threshold(self.threshold),
                                                      limit=~_others(props, p))
+            cast_shadows(image, props)
             props.sort(key=lambda p: -p.area)
             return props[: self.max_instances]
         m = self.photo_margin
@@ -548,6 +629,8 @@ class BoxProposer(InstanceProposer):
                 region = dilate(body, max(1, min(h, w) // 100))
             p = InstanceProposal(body, region, source="box", metadata={"box": box})
             props.append(p)
+        if model.flat:
+            cast_shadows(image, props)
         return props
 
 

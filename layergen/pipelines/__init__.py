@@ -6,6 +6,8 @@ _EXPORTS = {
     "ForegroundOnBackgroundPipeline": "pipeline_foreground_on_background",
     "BackgroundBehindForegroundPipeline": "pipeline_background_behind_foreground",
     "MultiLayerPipeline": "pipeline_multilayer",
+    "LayeredHumanPipeline": "pipeline_layered_human",
+    "LayeredHumanOutput": "pipeline_layered_human",
     "LayerPipelineOutput": "pipeline_output",
 }
 

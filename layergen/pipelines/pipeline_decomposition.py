@@ -4,7 +4,7 @@
     out = pipe(image, boxes=[(10, 20, 40, 40)])               # or masks=, points=, nothing = automatic
     out.stack.composite()  # == the input (out.psnr says how closely, usually > 45 dB)
 
-    pipe = DecompositionPipeline.from_pretrained("assets/layergen-mini-decomposer")  # the learned mini decomposer
+    pipe = load_decomposition_pipeline()       # the learned mini decomposer (layergen.decompose.learned)
 
 Each instance is peeled top-first (LayerD-style): propose -> matte the body ->
 complete the background under body and effects -> *unblend* the layer from
@@ -32,7 +32,7 @@ from diffusers.utils import BaseOutput
 from ..decompose.completion import BackgroundCompleter, StructureFill
 from ..decompose.matting import AlphaMatting, ClosedFormMatting, ForegroundExtraction, Unblend
 from ..decompose.proposals import (AutomaticProposer, BoxProposer, InstanceProposal, InstanceProposer, MaskProposer,
-                                   PointProposer, dilate, erode, order_top_first)
+                                   PointProposer, dilate, erode, layered_fill, order_top_first)
 from ..errors import LayergenError
 from ..layers import Layer, LayerStack
 
@@ -69,6 +69,9 @@ def load_image(image) -> np.ndarray:
             raise LayergenError(f"{path}: no such image file")
         try:
             with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:  # before decoding: a huge file must not fill memory
+                    raise LayergenError(f"{path} is {im.width}x{im.height}; the limit is "
+                                        f"{MAX_PIXELS // 1_000_000} megapixels — downscale it first")
                 im.load()
                 image = im.copy()
         except (OSError, Image.DecompressionBombError) as exc:
@@ -228,10 +231,12 @@ class DecompositionPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ one peel
     def peel(self, image: np.ndarray, proposal: InstanceProposal, generator=None, num_inference_steps: int = 20,
-             others: np.ndarray | None = None):
+             others: np.ndarray | None = None, below: list | None = None):
         """Remove one instance from `image`. Returns `(rgb, alpha, background)` (float32).
 
         `others`: pixels of instances still in the image; the completion does not learn from them.
+        `below`: body masks of those instances; hole pixels on them (a shadow cast onto a lower
+        object) are completed from that object's own colour, not from the background.
         """
         body = proposal.mask
         prior = self.matting(image, body)
@@ -247,6 +252,11 @@ class DecompositionPipeline(DiffusionPipeline):
         background = self.completion(image, hole, ignore=ignore)
         if learned_bg is not None:
             background = np.where(hole[..., None], learned_bg, background)
+        if below:
+            on_lower = layered_fill(image, hole, below)
+            if on_lower is not None:
+                lower = hole & np.any(below, axis=0)
+                background = np.where(lower[..., None], on_lower, background)
         fixed = None
         see_through = body & (prior >= 0.98)
         glass = self.translucency(image, background, see_through, learned_alpha)
@@ -327,7 +337,8 @@ class DecompositionPipeline(DiffusionPipeline):
                 others = np.zeros((h, w), bool)
                 for q in rest:
                     others |= q.region
-                rgb, alpha, current = self.peel(current, p, generator, num_inference_steps, others=others)
+                rgb, alpha, current = self.peel(current, p, generator, num_inference_steps, others=others,
+                                                below=[q.mask for q in rest])
                 if alpha.max() <= 0:
                     i += 1
                     bar.update(1)

@@ -240,15 +240,40 @@ class LayeredHumanPipeline(DiffusionPipeline):
         bmax = lo + vox * (zyx_hi[::-1] + 1) + pad
         return tuple(float(v) for v in np.maximum(bmin, lo)), tuple(float(v) for v in np.minimum(bmax, hi))
 
+    @staticmethod
+    def clean_density(density: torch.Tensor, floor: float = 0.25 * SURFACE_DENSITY,
+                      min_component_fraction: float = 0.02) -> torch.Tensor:
+        """A density grid without fog and floaters: voxels below `floor` are emptied, and so are
+        26-connected occupied components holding less than `min_component_fraction` of the
+        occupied voxels (the same rule `extract_mesh` applies to mesh parts)."""
+        from scipy import ndimage
+
+        dens = torch.where(density >= floor, density, torch.zeros_like(density))
+        if min_component_fraction > 0:
+            occ = (dens > 0).numpy()
+            labels, n = ndimage.label(occ, structure=np.ones((3, 3, 3), bool))
+            if n > 1:
+                sizes = np.bincount(labels.ravel())[1:]
+                keep = np.zeros(n + 1, bool)
+                keep[1:] = sizes >= min_component_fraction * sizes.sum()
+                keep[1 + int(sizes.argmax())] = True
+                dens = dens * torch.from_numpy(keep[labels])
+        return dens
+
     @torch.no_grad()
     def render_views(self, triplane: torch.Tensor, num_views: int = 8, size: int = 64, elevation: float = 10.0,
                      azimuth_offset: float = 0.0, fov: float = 37.0, num_samples: tuple = (48, 32),
-                     cameras: torch.Tensor | None = None, proposal_grid: int = 48) -> np.ndarray:
+                     cameras: torch.Tensor | None = None, proposal_grid: int = 48,
+                     proposal_floor: float = 0.25 * SURFACE_DENSITY,
+                     min_component_fraction: float = 0.02) -> np.ndarray:
         """Turntable RGBA views (V, H, W, 4) uint8, straight alpha.
 
         The coarse pass reads a cached, dilated density grid (`proposal_grid`^3 decoder queries
         once per tri-plane) and only the importance samples query the decoder: empty rays
-        cost nothing. `proposal_grid=0` renders the classic way (every sample decoded).
+        cost nothing. The grid is cleaned first (`clean_density`: faint fog under
+        `proposal_floor` and small floating blobs are dropped), so sampled tri-planes render
+        without the haze and streaks a diffusion sample can leave off the body; set both to 0
+        to see everything. `proposal_grid=0` renders the classic way (every sample decoded).
         """
         from ..models.volume_renderer import grid_density_fn
 
@@ -258,6 +283,8 @@ class LayeredHumanPipeline(DiffusionPipeline):
         proposal = None
         if proposal_grid:
             dens = self.decoder.density_grid(triplane, proposal_grid).float().cpu()
+            if proposal_floor > 0 or min_component_fraction > 0:
+                dens = self.clean_density(dens, proposal_floor, min_component_fraction)
             bmin, bmax = self.occupied_box(density=dens)
             proposal = grid_density_fn(dens, cfg.box_min, cfg.box_max, dilate=1)
         else:

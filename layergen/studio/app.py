@@ -11,6 +11,7 @@ Extra tabs (3D humans, actions) plug in through `build_app(..., extra_tabs=)`:
 each is `(title, builder)` where `builder(ctx: StudioContext)` creates the
 tab's components and wires them with `ctx.action(...)`.
 """
+import contextlib
 import functools
 import os
 import tempfile
@@ -264,113 +265,122 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
         description = getattr(backends, "description", "") or getattr(backends, "name", "")
         gr.Markdown(f"## {TITLE}\nLayered images you can edit: generate transparent layers, lay out many at once, "
                     f"repaint one, decompose a picture, export PSD / OpenRaster. Backend: *{description}*.")
-        with gr.Row(equal_height=False):
-            # -- tools ------------------------------------------------------------------------
-            with gr.Column(scale=4, min_width=320):
-                with gr.Tabs(elem_id="tools"):
-                    with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
-                        prompt = gr.Textbox(label="Prompt", placeholder="a red glass star with a drop shadow",
-                                            lines=2, max_length=MAX_PROMPT_CHARS, elem_id="gen-prompt")
-                        with gr.Row():
-                            seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
-                                             elem_id="gen-seed")
-                            next_seed = gr.Checkbox(label="Next seed after each layer", value=True)
-                        condition = gr.Radio(CONDITION_CHOICES, value="none", label="Condition on")
-                        gen_btn = gr.Button("Generate layer", variant="primary", elem_id="gen-button")
-                    with gr.Tab("Layout", id="layout", elem_id="tab-layout") as layout_tab:
-                        gr.Markdown("Draw one stroke or rectangle per object (or type boxes), give each box a "
-                                    "prompt if you like, then generate all layers at once.")
-                        lay_prompt = gr.Textbox(label="Prompt (used for boxes without their own)", lines=1,
-                                                max_length=MAX_PROMPT_CHARS, elem_id="layout-prompt")
-                        lay_sketch = gr.ImageEditor(label="Draw boxes", type="numpy", image_mode="RGBA",
-                                                    format="png", layers=False, transforms=(), height=320,
-                                                    sources=(), brush=gr.Brush(colors=["#ff2d7a"], default_size=6),
-                                                    elem_id="layout-sketch")
-                        lay_from_sketch = gr.Button("Add drawn boxes to the table", size="sm")
-                        lay_boxes = gr.Dataframe(headers=BOX_HEADERS, datatype=["number"] * 4 + ["str"],
-                                                 column_count=5, row_count=1, type="array", interactive=True,
-                                                 label="Boxes (canvas pixels)", elem_id="layout-boxes")
-                        with gr.Row():
-                            lay_seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED)
-                            lay_background = gr.Checkbox(label="Also generate a background", value=True)
-                        lay_btn = gr.Button("Generate layers", variant="primary", elem_id="layout-button")
-                    with gr.Tab("Repaint", id="repaint", elem_id="tab-repaint"):
-                        gr.Markdown("Regenerates the **selected layer** from a new prompt/seed, in the same "
-                                    "place; every other layer stays exactly as it is.")
-                        rep_prompt = gr.Textbox(label="New prompt", lines=2, max_length=MAX_PROMPT_CHARS,
-                                                elem_id="repaint-prompt")
-                        rep_seed = gr.Number(label="Seed", value=1, precision=0, minimum=0, maximum=MAX_SEED)
-                        rep_btn = gr.Button("Repaint selected layer", variant="primary", elem_id="repaint-button")
-                    with gr.Tab("Decompose", id="decompose", elem_id="tab-decompose"):
-                        gr.Markdown("Upload a flat picture; optionally draw or type a box around each object. "
-                                    "Its layers replace the document (undo brings the old one back).")
-                        dec_image = gr.Image(label="Flat image", type="numpy", image_mode="RGBA", format="png",
-                                             sources=["upload", "clipboard"], elem_id="decompose-image")
-                        dec_sketch = gr.ImageEditor(label="Draw boxes (optional)", type="numpy", image_mode="RGBA",
-                                                    format="png", layers=False, transforms=(), height=320,
-                                                    sources=(), brush=gr.Brush(colors=["#2d9bff"], default_size=6))
-                        dec_from_sketch = gr.Button("Add drawn boxes to the table", size="sm")
-                        dec_boxes = gr.Dataframe(headers=BOX_HEADERS, datatype=["number"] * 4 + ["str"],
-                                                 column_count=5, row_count=1, type="array", interactive=True,
-                                                 label="Boxes (image pixels, optional)", elem_id="decompose-boxes")
-                        dec_btn = gr.Button("Decompose into layers", variant="primary", elem_id="decompose-button")
-                    with gr.Tab("File", id="file", elem_id="tab-file"):
-                        with gr.Group():
+        with contextlib.ExitStack() as workspace:
+            if extra_tabs:  # the 2D studio becomes the first of several full-width workspaces
+                workspaces = workspace.enter_context(gr.Tabs(elem_id="workspaces"))
+                workspace.enter_context(gr.Tab("Layers", id="layers", elem_id="workspace-layers"))
+            with gr.Row(equal_height=False):
+                # -- tools ------------------------------------------------------------------------
+                with gr.Column(scale=4, min_width=320):
+                    with gr.Tabs(elem_id="tools"):
+                        with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                            prompt = gr.Textbox(label="Prompt", placeholder="a red glass star with a drop shadow",
+                                                lines=2, max_length=MAX_PROMPT_CHARS, elem_id="gen-prompt")
                             with gr.Row():
-                                new_w = gr.Number(label="Width", value=256, precision=0, minimum=MIN_CANVAS,
-                                                  maximum=MAX_CANVAS)
-                                new_h = gr.Number(label="Height", value=256, precision=0, minimum=MIN_CANVAS,
-                                                  maximum=MAX_CANVAS)
-                            new_btn = gr.Button("New empty document", elem_id="new-button")
-                        imp_file = gr.File(label=f"Import ({', '.join(IMPORT_TYPES)}; up to "
-                                                 f"{max_upload_bytes // 2**20} MB)", file_types=IMPORT_TYPES,
-                                           type="filepath", elem_id="import-file")
-                        imp_btn = gr.Button("Import as document", elem_id="import-button")
-                        exp_format = gr.Radio(list(EXPORT_FORMATS), value=next(iter(EXPORT_FORMATS)),
-                                              label="Export format", elem_id="export-format")
-                        exp_btn = gr.Button("Export", variant="primary", elem_id="export-button")
-                        exp_file = gr.File(label="Download", interactive=False, elem_id="export-file")
-                    extra_tab_slots = []
-                    for title, _builder in extra_tabs:
-                        with gr.Tab(title) as tab:
-                            extra_tab_slots.append(tab)
-            # -- canvas -----------------------------------------------------------------------
-            with gr.Column(scale=4, min_width=320):
-                preview = gr.Image(label="Composite", type="numpy", image_mode="RGBA", format="png",
-                                   interactive=False, height=460, buttons=["download", "fullscreen"],
-                                   elem_id="preview")
-                with gr.Row():
-                    undo_btn = gr.Button("↶ Undo", interactive=False, size="sm", min_width=60, elem_id="undo-button")
-                    redo_btn = gr.Button("↷ Redo", interactive=False, size="sm", min_width=60, elem_id="redo-button")
-                status = gr.Markdown(label="Status", elem_id="status")
-            # -- layers panel ---------------------------------------------------------------
-            with gr.Column(scale=4, min_width=300, elem_id="layers-panel"):
-                gallery = gr.Gallery(label="Layers (top first) — click to select", format="png", columns=3,
-                                     height=250, allow_preview=False, object_fit="contain", interactive=False,
-                                     elem_id="layers-gallery")
-                layer_select = gr.Dropdown(label="Selected layer", choices=[], value=None, elem_id="layer-select")
-                with gr.Row():
-                    name = gr.Textbox(label="Name", scale=3, elem_id="layer-name")
-                    rename_btn = gr.Button("Rename", scale=1, size="sm", min_width=60, elem_id="rename-button")
-                with gr.Row():
-                    visible = gr.Checkbox(label="Visible", value=True, elem_id="layer-visible")
-                    blend = gr.Dropdown(list(BLEND_MODES), value="normal", label="Blend mode", elem_id="layer-blend")
-                opacity = gr.Slider(0, 100, value=100, step=1, label="Opacity %", elem_id="layer-opacity")
-                with gr.Row():
-                    up_btn = gr.Button("▲ Up", size="sm", min_width=60, elem_id="up-button")
-                    down_btn = gr.Button("▼ Down", size="sm", min_width=60, elem_id="down-button")
-                    dup_btn = gr.Button("Duplicate", size="sm", min_width=60, elem_id="duplicate-button")
-                with gr.Row():
-                    merge_btn = gr.Button("Merge down", size="sm", min_width=60, elem_id="merge-button")
-                    del_btn = gr.Button("Delete", size="sm", min_width=60, variant="stop", elem_id="delete-button")
-                with gr.Group():
+                                seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
+                                                 elem_id="gen-seed")
+                                next_seed = gr.Checkbox(label="Next seed after each layer", value=True)
+                            condition = gr.Radio(CONDITION_CHOICES, value="none", label="Condition on")
+                            gen_btn = gr.Button("Generate layer", variant="primary", elem_id="gen-button")
+                        with gr.Tab("Layout", id="layout", elem_id="tab-layout") as layout_tab:
+                            gr.Markdown("Draw one stroke or rectangle per object (or type boxes), give each box a "
+                                        "prompt if you like, then generate all layers at once.")
+                            lay_prompt = gr.Textbox(label="Prompt (used for boxes without their own)", lines=1,
+                                                    max_length=MAX_PROMPT_CHARS, elem_id="layout-prompt")
+                            lay_sketch = gr.ImageEditor(label="Draw boxes", type="numpy", image_mode="RGBA",
+                                                        format="png", layers=False, transforms=(), height=320,
+                                                        sources=(), brush=gr.Brush(colors=["#ff2d7a"], default_size=6),
+                                                        elem_id="layout-sketch")
+                            lay_from_sketch = gr.Button("Add drawn boxes to the table", size="sm")
+                            lay_boxes = gr.Dataframe(headers=BOX_HEADERS, datatype=["number"] * 4 + ["str"],
+                                                     column_count=5, row_count=1, type="array", interactive=True,
+                                                     label="Boxes (canvas pixels)", elem_id="layout-boxes")
+                            with gr.Row():
+                                lay_seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED)
+                                lay_background = gr.Checkbox(label="Also generate a background", value=True)
+                            lay_btn = gr.Button("Generate layers", variant="primary", elem_id="layout-button")
+                        with gr.Tab("Repaint", id="repaint", elem_id="tab-repaint"):
+                            gr.Markdown("Regenerates the **selected layer** from a new prompt/seed, in the same "
+                                        "place; every other layer stays exactly as it is.")
+                            rep_prompt = gr.Textbox(label="New prompt", lines=2, max_length=MAX_PROMPT_CHARS,
+                                                    elem_id="repaint-prompt")
+                            rep_seed = gr.Number(label="Seed", value=1, precision=0, minimum=0, maximum=MAX_SEED)
+                            rep_btn = gr.Button("Repaint selected layer", variant="primary", elem_id="repaint-button")
+                        with gr.Tab("Decompose", id="decompose", elem_id="tab-decompose"):
+                            gr.Markdown("Upload a flat picture; optionally draw or type a box around each object. "
+                                        "Its layers replace the document (undo brings the old one back).")
+                            dec_image = gr.Image(label="Flat image", type="numpy", image_mode="RGBA", format="png",
+                                                 sources=["upload", "clipboard"], elem_id="decompose-image")
+                            dec_sketch = gr.ImageEditor(label="Draw boxes (optional)", type="numpy", image_mode="RGBA",
+                                                        format="png", layers=False, transforms=(), height=320,
+                                                        sources=(), brush=gr.Brush(colors=["#2d9bff"], default_size=6))
+                            dec_from_sketch = gr.Button("Add drawn boxes to the table", size="sm")
+                            dec_boxes = gr.Dataframe(headers=BOX_HEADERS, datatype=["number"] * 4 + ["str"],
+                                                     column_count=5, row_count=1, type="array", interactive=True,
+                                                     label="Boxes (image pixels, optional)", elem_id="decompose-boxes")
+                            dec_btn = gr.Button("Decompose into layers", variant="primary", elem_id="decompose-button")
+                        with gr.Tab("File", id="file", elem_id="tab-file"):
+                            with gr.Group():
+                                with gr.Row():
+                                    new_w = gr.Number(label="Width", value=256, precision=0, minimum=MIN_CANVAS,
+                                                      maximum=MAX_CANVAS)
+                                    new_h = gr.Number(label="Height", value=256, precision=0, minimum=MIN_CANVAS,
+                                                      maximum=MAX_CANVAS)
+                                new_btn = gr.Button("New empty document", elem_id="new-button")
+                            imp_file = gr.File(label=f"Import ({', '.join(IMPORT_TYPES)}; up to "
+                                                     f"{max_upload_bytes // 2**20} MB)", file_types=IMPORT_TYPES,
+                                               type="filepath", elem_id="import-file")
+                            imp_btn = gr.Button("Import as document", elem_id="import-button")
+                            exp_format = gr.Radio(list(EXPORT_FORMATS), value=next(iter(EXPORT_FORMATS)),
+                                                  label="Export format", elem_id="export-format")
+                            exp_btn = gr.Button("Export", variant="primary", elem_id="export-button")
+                            exp_file = gr.File(label="Download", interactive=False, elem_id="export-file")
+                # -- canvas -----------------------------------------------------------------------
+                with gr.Column(scale=4, min_width=320):
+                    preview = gr.Image(label="Composite", type="numpy", image_mode="RGBA", format="png",
+                                       interactive=False, height=460, buttons=["download", "fullscreen"],
+                                       elem_id="preview")
                     with gr.Row():
-                        pos_x = gr.Number(label="x", value=0, precision=0, min_width=60, elem_id="layer-x")
-                        pos_y = gr.Number(label="y", value=0, precision=0, min_width=60, elem_id="layer-y")
-                    scale = gr.Slider(10, 400, value=100, step=5, label="Scale %", elem_id="layer-scale")
-                move_btn = gr.Button("Apply position / scale", size="sm", elem_id="transform-button")
-                with gr.Accordion("Document info", open=False):
-                    info = gr.JSON(label="Document", elem_id="doc-info")
+                        undo_btn = gr.Button("↶ Undo", interactive=False, size="sm", min_width=60,
+                                             elem_id="undo-button")
+                        redo_btn = gr.Button("↷ Redo", interactive=False, size="sm", min_width=60,
+                                             elem_id="redo-button")
+                    status = gr.Markdown(label="Status", elem_id="status")
+                # -- layers panel ---------------------------------------------------------------
+                with gr.Column(scale=4, min_width=300, elem_id="layers-panel"):
+                    gallery = gr.Gallery(label="Layers (top first) — click to select", format="png", columns=3,
+                                         height=250, allow_preview=False, object_fit="contain", interactive=False,
+                                         elem_id="layers-gallery")
+                    layer_select = gr.Dropdown(label="Selected layer", choices=[], value=None, elem_id="layer-select")
+                    with gr.Row():
+                        name = gr.Textbox(label="Name", scale=3, elem_id="layer-name")
+                        rename_btn = gr.Button("Rename", scale=1, size="sm", min_width=60, elem_id="rename-button")
+                    with gr.Row():
+                        visible = gr.Checkbox(label="Visible", value=True, elem_id="layer-visible")
+                        blend = gr.Dropdown(list(BLEND_MODES), value="normal", label="Blend mode",
+                                            elem_id="layer-blend")
+                    opacity = gr.Slider(0, 100, value=100, step=1, label="Opacity %", elem_id="layer-opacity")
+                    with gr.Row():
+                        up_btn = gr.Button("▲ Up", size="sm", min_width=60, elem_id="up-button")
+                        down_btn = gr.Button("▼ Down", size="sm", min_width=60, elem_id="down-button")
+                        dup_btn = gr.Button("Duplicate", size="sm", min_width=60, elem_id="duplicate-button")
+                    with gr.Row():
+                        merge_btn = gr.Button("Merge down", size="sm", min_width=60, elem_id="merge-button")
+                        del_btn = gr.Button("Delete", size="sm", min_width=60, variant="stop", elem_id="delete-button")
+                    with gr.Group():
+                        with gr.Row():
+                            pos_x = gr.Number(label="x", value=0, precision=0, min_width=60, elem_id="layer-x")
+                            pos_y = gr.Number(label="y", value=0, precision=0, min_width=60, elem_id="layer-y")
+                        scale = gr.Slider(10, 400, value=100, step=5, label="Scale %", elem_id="layer-scale")
+                    move_btn = gr.Button("Apply position / scale", size="sm", elem_id="transform-button")
+                    with gr.Accordion("Document info", open=False):
+                        info = gr.JSON(label="Document", elem_id="doc-info")
+        extra_tab_slots = []
+        if extra_tabs:
+            with workspaces:  # extra tabs (3D human, ...) get the full width beside "Layers"
+                for title, _builder in extra_tabs:
+                    with gr.Tab(title) as tab:
+                        extra_tab_slots.append(tab)
 
         panel = [preview, gallery, layer_select, name, visible, opacity, blend, pos_x, pos_y, scale, info, status,
                  undo_btn, redo_btn]
@@ -538,20 +548,30 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
     return demo
 
 
+def default_extra_tabs(human_model=None) -> list:
+    """The tabs every served studio has besides the 2D tools: "3D human" (bundled mini model by default)."""
+    from .human3d import HumanBackend, human_tab
+
+    return [human_tab(HumanBackend(model_path=human_model))]
+
+
 def launch(backends: LayerBackend | None = None, host: str = "127.0.0.1", port: int | None = None,
            inbrowser: bool = False, prevent_thread_lock: bool = False, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-           quiet: bool = False, **kwargs):
+           quiet: bool = False, extra_tabs: Sequence | None = None, **kwargs):
     """Build and serve the studio on localhost (never a public share link).
 
     Returns `(demo, url)`. With `prevent_thread_lock=True` it returns at once
-    (tests; call `demo.close()`), else it serves until Ctrl+C.
+    (tests; call `demo.close()`), else it serves until Ctrl+C. `extra_tabs=None` means
+    `default_extra_tabs()` (the 3D human tab; its model loads on first use).
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if backends is None:
         from .backends import default_backends
 
         backends = default_backends()
-    demo = build_app(backends, max_upload_bytes=max_upload_bytes)
+    if extra_tabs is None:
+        extra_tabs = default_extra_tabs()
+    demo = build_app(backends, extra_tabs=extra_tabs, max_upload_bytes=max_upload_bytes)
     demo.queue(default_concurrency_limit=4)
     _, url, _ = demo.launch(server_name=host, server_port=port, share=False, inbrowser=inbrowser,
                             prevent_thread_lock=True, max_file_size=max_upload_bytes, show_error=False,

@@ -56,3 +56,42 @@ def test_cli_missing_learned_model_exits_2(tmp_path, capsys):
     out = tmp_path / "x.psd"
     assert main(["decompose", str(path), "-o", str(out), "--model", str(tmp_path / "nope"), "--quiet"]) == 2
     assert "no learned decomposer" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_bad_input_files_exit_2_and_write_nothing(tmp_path, capsys):
+    sc, path, box = scene_png(tmp_path)
+    out = tmp_path / "x.psd"
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert main(["decompose", str(empty), "-o", str(out), "--quiet"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    small_mask = tmp_path / "small_mask.png"
+    Image.new("L", (10, 10), 255).save(small_mask)
+    assert main(["decompose", str(path), "-o", str(out), "--mask", str(small_mask), "--quiet"]) == 2
+    assert "mask 0 is 10x10 but the image is 96x96" in capsys.readouterr().err
+    blank_mask = tmp_path / "blank_mask.png"
+    Image.new("L", (96, 96), 0).save(blank_mask)
+    assert main(["decompose", str(path), "-o", str(out), "--mask", str(blank_mask), "--quiet"]) == 2
+    assert "mask 0 is empty" in capsys.readouterr().err
+    assert main(["decompose", str(path), "-o", str(out), "--box", "10,10,0,5", "--quiet"]) == 2
+    assert "no area" in capsys.readouterr().err
+    huge = tmp_path / "huge.png"
+    Image.new("L", (4100, 4100), 0).save(huge)  # compresses to a few kB, decodes to 17 megapixels
+    assert main(["decompose", str(huge), "-o", str(out), "--quiet"]) == 2
+    assert "megapixels" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.glob("*.psd")) == []
+
+
+def test_cli_takes_grayscale_and_16_bit_pngs(tmp_path):
+    sc, path, box = scene_png(tmp_path)
+    grey = np.asarray(Image.fromarray(sc.composite).convert("L"))
+    for name, im in [("grey.png", Image.fromarray(grey)),
+                     ("grey16.png", Image.fromarray(grey.astype(np.uint16) * 257))]:
+        src = tmp_path / name
+        im.save(src)
+        out = tmp_path / (name[:-4] + ".psd")
+        assert main(["decompose", str(src), "-o", str(out), "--box", box, "--quiet"]) == 0
+        stack = load(out)
+        assert len(stack) == 2 and stack.width == 96
+        comp = stack.composite()[..., :3].astype(int)
+        assert np.abs(comp - grey[..., None].astype(int)).max() <= 2  # gray in, the same gray out (as RGB)

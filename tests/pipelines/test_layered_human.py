@@ -109,6 +109,22 @@ def test_callback_on_step_end(pipe):
     assert len(calls) == 6 and calls[0][2] == (1, 27, R, R)
 
 
+def test_clean_density_drops_fog_and_floaters():
+    clean = LayeredHumanPipeline.clean_density
+    d = torch.zeros(16, 16, 16)
+    d[4:12, 4:12, 4:12] = 50.0              # the subject: 512 voxels
+    d[0, 0, 0] = 50.0                       # floaters: 1 and 2 voxels (< 2 % of the occupied volume)
+    d[14, 14, 14:16] = 50.0
+    d[2, 8, :] = 3.0                        # faint fog, under the floor
+    expected = torch.zeros_like(d)
+    expected[4:12, 4:12, 4:12] = 50.0
+    assert torch.equal(clean(d, floor=5.0, min_component_fraction=0.02), expected)
+    big = d.clone()
+    big[0:3, 0:3, 0:3] = 50.0               # 27 voxels: over 2 %, a real part, kept
+    assert torch.equal(clean(big, floor=5.0, min_component_fraction=0.02)[0:3, 0:3, 0:3], big[0:3, 0:3, 0:3])
+    assert torch.equal(clean(d, floor=0.0, min_component_fraction=0.0), d)
+
+
 def test_export_writes_valid_glb_pngs_gif_and_triplanes(pipe, tmp_path):
     out = run(pipe, layers=("body", "pants"))
     files = export_human(pipe, out, tmp_path, num_views=3, size=16, mesh_resolution=16, progress=False)
@@ -169,3 +185,34 @@ def test_roundtrip_generate_human_and_cli(pipe, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("layergen: error:") and err.count("\n") == 1, (argv, err)
     assert not (tmp_path / "bad").exists()
+
+
+def test_bundled_mini_model_is_the_default(tmp_path, capsys):
+    """`layergen human` with no --model runs on assets/layergen-mini/human; its body is human-shaped."""
+    from layergen.pipelines.pipeline_layered_human import default_model_path, load_pipeline
+
+    path = default_model_path()
+    assert (path / "model_index.json").is_file()
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 8 * 2**20
+    mini = load_pipeline()
+    assert mini.plane_shape == (3, 9, 32, 32) and mini.decoder.config.use_shift
+    body = mini(layers=("body",), num_inference_steps=25, generator=torch.Generator().manual_seed(0)).triplanes[0]
+    lo, hi = mini.occupied_box(body, pad=0.0)
+    size = np.array(hi) - np.array(lo)
+    assert 1.3 < size[1] < 2.0 and size[1] > 1.2 * max(size[0], size[2])  # upright, taller than wide/deep
+
+    rc = cli_main(["human", "--layers", "body,pants", "--seed", "3", "-o", str(tmp_path / "h"), "--steps", "2",
+                   "--views", "1", "--size", "16", "--mesh-resolution", "16"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "h" / "summary.json").read_text())
+    assert summary["layers"] == ["body", "pants"] and summary["model"] == str(path)
+
+
+def test_missing_bundled_model_says_what_to_pass(tmp_path, monkeypatch, capsys):
+    import layergen.mini
+
+    monkeypatch.setattr(layergen.mini, "MINI_PATH", tmp_path / "no-assets")
+    rc = cli_main(["human", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pass --model PATH" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -45,6 +45,24 @@ def test_fit_triplanes_then_diffusion_two_steps_and_resume(tmp_path):
     log = run("train_triplane_diffusion.py", *common, "--max_train_steps", 3, "--resume_from_checkpoint", "latest")
     assert "resumed from" in log and (s2 / "checkpoint-3").is_file() is False and (s2 / "checkpoint-3").is_dir()
 
+    # continue from an EMA folder: the saved model carries only the UNet's own config
+    s2b = tmp_path / "stage2b"
+    run("train_triplane_diffusion.py", *common[:2], "--output_dir", s2b, *common[4:], "--max_train_steps", 1,
+        "--pretrained_unet", s2 / "checkpoint-2" / "unet_ema")
+    cfg = json.loads((s2b / "pipeline" / "unet" / "config.json").read_text())
+    assert "decay" not in cfg and "optimization_step" not in cfg and cfg["block_out_channels"] == [8, 16]
+
+    # phase B from the template: every new body starts at the mean phase-A body plane
+    s1t = tmp_path / "stage1t"
+    run("fit_triplanes.py", "--output_dir", s1t, "--decoder_path", s1 / "decoder", "--init_planes", "template",
+        "--template_from", s1 / "triplanes_joint.safetensors", "--num_new_subjects", 2, "--num_eval_subjects", 1,
+        "--planes_steps", 0, "--skip_eval", "--pool_size", 64)
+    t = load_file(str(s1t / "triplanes.safetensors"))
+    template = load_file(str(s1 / "triplanes_joint.safetensors"))["planes"][:, 0].float().mean(0)
+    assert t["planes"].shape[0] == 2
+    assert torch.equal(t["planes"][:, 0].float(), template.half().float().expand(2, *template.shape))
+    assert not t["planes"][:, 1:].any()                                 # garment residuals start at zero
+
     from layergen.pipelines.pipeline_layered_human import LayeredHumanPipeline
 
     pipe = LayeredHumanPipeline.from_pretrained(s2 / "pipeline")

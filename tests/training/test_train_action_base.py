@@ -85,3 +85,8 @@ def test_vae_finetune_and_classifiers(parts, tmp_path):
     assert set(pred) == {"species", "colour"} and len(pred["species"]) == 3
     metrics = json.loads((tmp_path / "pose" / "classifier" / "metrics.json").read_text())
     assert 0 <= metrics["heldout_accuracy"]["action"] <= 1
+    # subjects are judged translation-invariantly, poses by where the limbs are
+    assert pose.config.pooling == "flatten" and subject.config.pooling == "global"
+    sm = json.loads((tmp_path / "subject" / "classifier" / "metrics.json").read_text())
+    split = [k for k in ("heldout_accuracy_clean", "heldout_accuracy_vae") if k in sm]
+    assert split and all(set(sm[k]) == {"species", "colour"} for k in split)

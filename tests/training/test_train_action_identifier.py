@@ -130,3 +130,32 @@ def test_textual_inversion_and_shared_token_variants(parts, tmp_path):
     assert out.shape == (2, 32, 32, 3) and np.abs(out[0].astype(int) - out[1].astype(int)).mean() > 0
     with pytest.raises(SystemExit):
         mod.parse_args(["--name", "x", "--output_dir", "o", "--method", "textual_inversion", "--shared_token"])
+
+
+@pytest.mark.parametrize("template", ["a {token}", "{caption} {token}"])
+def test_textual_inversion_shared_prompt_encoding_keeps_the_mean_gradient(parts, template):
+    """Without a mask, TI encodes each distinct prompt once: same losses, same mean gradient."""
+    mod = load_script()
+    pipe = ActionPipeline.from_pretrained(parts / "pipe")
+    args = mod.parse_args(["--name", "ti", "--output_dir", "unused", "--method", "textual_inversion",
+                           "--initializer_token", "star", "--template", template])
+    ident = ActionIdentifier.for_unet(pipe.unet, "<ti>", kind="input", initializer="star",
+                                      embedding_dim=pipe.text_encoder.get_input_embeddings().embedding_dim)
+    states = mod.TextStates(pipe, ident)
+    with torch.no_grad():
+        ident.embeddings.copy_(states.initial_vector(["a <ti>"])[None] + 0.1)
+    exemplars = mod.read_exemplars(parts / "exemplars", 3, 32)
+    prompts = [mod.prompt_for(args.template, e.get("caption"), "<ti>") for e in exemplars] * 2
+    latents = mod.encode_images(pipe, [e["image"] for e in exemplars] * 2)
+    torch.manual_seed(1)
+    noise, t = torch.randn_like(latents), torch.tensor([100, 400, 700, 900, 50, 999])
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    loss_a, g_a = mod.per_sample_grads(pipe, ident, states, latents, prompts, noise, t, sched, 32, per_sample=True)
+    loss_b, g_b = mod.per_sample_grads(pipe, ident, states, latents, prompts, noise, t, sched, 32, per_sample=False)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    assert g_a.abs().mean() > 0
+    torch.testing.assert_close(g_b.mean(0), g_a.mean(0), rtol=1e-4, atol=1e-8)
+    if template == "a {token}":  # one distinct prompt: the whole gradient sits in its first sample
+        assert torch.count_nonzero(g_b[1:]) == 0
