@@ -62,6 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="learned decomposer folder")
     p.add_argument("--steps", type=int, default=20, help="denoising steps of the learned decomposer")
     p.add_argument("--max_minutes", type=float, default=None, help="stop after this much wall time (n is recorded)")
+    p.add_argument("--learned_images", type=int, default=None,
+                   help="run the (slow, CPU) learned decomposer on the first N images only; every method is then "
+                        "also summarised on those N (`subset` in the JSON) for a like-for-like comparison")
+    p.add_argument("--learned_minutes", type=float, default=None,
+                   help="stop running the learned decomposer after this much of its own wall time")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "decomposition.json"))
     return p.parse_args(argv)
 
@@ -95,7 +100,7 @@ def main(argv=None):
     rows = {m: [] for m in pipes}
     rng = np.random.default_rng(0)
     start = time.perf_counter()
-    done = 0
+    done, learned_wall = 0, 0.0
     for i in tqdm(range(args.num), desc="decomposition benchmark"):
         if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
             break
@@ -103,30 +108,48 @@ def main(argv=None):
         boxes = [(o.box[0], o.box[1], o.box[2] - o.box[0], o.box[3] - o.box[1]) for o in scene.objects]
         boxes = [boxes[k] for k in rng.permutation(len(boxes))]
         for m, pipe in pipes.items():
+            if m == "learned" and ((args.learned_images is not None and i >= args.learned_images) or
+                                   (args.learned_minutes is not None and learned_wall > 60 * args.learned_minutes)):
+                continue
             t, c = time.perf_counter(), time.process_time()
             out = pipe(scene.composite, boxes=boxes if args.guidance == "boxes" else None,
                        num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(i))
             r = evaluate(out.stack, scene)
             r["seconds"] = time.perf_counter() - t
             r["cpu_seconds"] = time.process_time() - c
+            learned_wall += r["seconds"] if m == "learned" else 0.0
             rows[m].append(r)
         done += 1
-    results = {m: summarise(v) for m, v in rows.items()}
-    for m, v in rows.items():  # wall time depends on what else the machine runs; CPU time less so
-        results[m]["cpu_seconds_per_image"] = float(np.mean([r["cpu_seconds"] for r in v])) if v else float("nan")
-    header = f"{'method':<10} " + " ".join(f"{c[1]:>17}" for c in COLUMNS)
-    print(f"\nDecomposition on {done} held-out procedural scenes ({args.size} px, seeds {args.seed_start}+, "
-          f"guidance: {args.guidance}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
-    print(header)
-    for m, s in results.items():
-        print(f"{m:<10} " + " ".join(f"{c[2].format(s[c[0]]):>17}" for c in COLUMNS))
+    def table(rows_by_method, title):
+        out = {}
+        for m, v in rows_by_method.items():
+            if not v:
+                continue
+            out[m] = summarise(v)
+            # wall time depends on what else the machine runs; CPU time less so
+            out[m]["cpu_seconds_per_image"] = float(np.mean([r["cpu_seconds"] for r in v]))
+        print(f"\n{title}")
+        print(f"{'method':<10} " + " ".join(f"{c[1]:>17}" for c in COLUMNS))
+        for m, s in out.items():
+            print(f"{m:<10} " + " ".join(f"{c[2].format(s[c[0]]):>17}" for c in COLUMNS) + f"   (n={s['images']})")
+        return out
+
+    setting = (f"({args.size} px, seeds {args.seed_start}+, guidance: {args.guidance}, "
+               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    results = table(rows, f"Decomposition on {done} held-out procedural scenes {setting}")
+    subset = None
+    n_learned = len(rows.get("learned", []))
+    if "learned" in rows and 0 < n_learned < done:
+        subset = table({m: v[:n_learned] for m, v in rows.items()},
+                       f"Same, on the first {n_learned} scenes (where the learned decomposer ran)")
+        subset = {"num_images": n_learned, "results": subset}
     for m, note in notes.items():
         print(f"{m:<10} {note}")
     payload = {"benchmark": "decomposition", "num_images": done, "num_requested": args.num, "size": args.size,
                "seed_start": args.seed_start, "guidance": args.guidance, "steps": args.steps,
                "model": args.model if "learned" in pipes else None,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "max_minutes": args.max_minutes,
-               "results": results, "notes": notes,
+               "results": results, "subset": subset, "notes": notes,
                "metrics": "see layergen/decompose/metrics.py; bg PSNR capped at 60 dB per image"}
     write_text_atomic(args.output, json.dumps(payload, indent=2))
     print(f"wrote {args.output}")

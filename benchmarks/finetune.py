@@ -269,6 +269,7 @@ def main(argv=None) -> dict:
 
     from layergen.commands.generate import load_pipeline
 
+    unet_before = unet_fingerprint(args.model)
     work = Path(args.work_dir)
     data, lora_dir = work / "data", work / "lora"
     train_rows = write_training_data(data, args.shape, args.num_images, args.size, args.replay, args.material)
@@ -288,6 +289,10 @@ def main(argv=None) -> dict:
     dlog.set_verbosity(level)
     after = generate_and_score(pipe, specs, args, "after")
     reference = reference_rows(specs, args.size, args.shape)
+    if unet_fingerprint(args.model) != unet_before:
+        from layergen.errors import LayergenError
+
+        raise LayergenError("the model's UNet changed on disk during the run (retrained?); run the benchmark again")
 
     summary = {"before": summarise(before, args.shape), "after": summarise(after, args.shape),
                "reference": summarise(reference, args.shape)}
@@ -301,7 +306,7 @@ def main(argv=None) -> dict:
         "benchmark": "finetune",
         "what": "LoRA fine-tuning of the mini on procedurally drawn layers of a never-seen shape; new-shape rate and "
                 "original-shape accuracy before vs after, scored by layergen.analysis",
-        "settings": {"model": model, "unet_sha256": unet_fingerprint(args.model), "new_shapes": args.shape,
+        "settings": {"model": model, "unet_sha256": unet_before, "new_shapes": args.shape,
                      "strict_margin": STRICT_MARGIN, "num_images": args.num_images, "replay": args.replay,
                      "material": args.material or "grammar mix (30 % glass)",
                      "size": args.size, "rank": args.rank, "lora_alpha": args.lora_alpha or args.rank,

@@ -68,3 +68,55 @@ def test_learned_pipeline_saves_loads_and_recomposites(tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match="training/train_decomposer.py"):
         load_decomposition_pipeline(tmp_path / "nothing")
+
+
+def test_mini_layout_shares_the_vae_and_keeps_its_own_scheduler(tmp_path):
+    """assets/layergen-mini layout: decomposer/ (fp16 weights + its scheduler_config.json) next to a shared vae/
+    and the text-to-layer model's scheduler/, which must not be picked up."""
+    from diffusers import DPMSolverMultistepScheduler
+    from safetensors.torch import load_file, save_file
+
+    model, vae, _ = tiny_components()
+    root = tmp_path / "mini"
+    model.save_pretrained(root / "decomposer")
+    weights = root / "decomposer" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(weights).items()}, str(weights))
+    (root / "decomposer" / "scheduler_config.json").write_text(
+        '{"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}')
+    vae.save_pretrained(root / "vae")
+    DPMSolverMultistepScheduler(beta_schedule="scaled_linear").save_pretrained(root / "scheduler")
+    pipe = load_decomposition_pipeline(root)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert pipe.decomposer.dtype == torch.float32
+    w = pipe.decomposer.unet.conv_in.weight.detach()
+    assert torch.equal(w, model.unet.conv_in.weight.detach().half().float())
+    import shutil
+
+    shutil.rmtree(root / "vae")
+    with pytest.raises(ModelNotFoundError, match="needs its VAE"):
+        load_decomposition_pipeline(root)
+
+
+def test_install_script_writes_fp16_weights_and_refuses_a_foreign_vae(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from layergen.errors import LayergenError
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("install_mini_decomposer",
+                                                  root / "scripts" / "install_mini_decomposer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, vae, sched = tiny_components()
+    save_decomposition_pipeline(tmp_path / "pipeline", model, vae, sched)
+    with pytest.raises(LayergenError, match="not the bundled mini VAE"):
+        mod.main([str(tmp_path / "pipeline"), "--dest", str(tmp_path / "out"), "--vae", str(tmp_path / "pipeline" / "vae")])
+    mod.main([str(tmp_path / "pipeline"), "--dest", str(tmp_path / "out")])
+    state = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float16 for v in state.values())
+    assert torch.equal(state["unet.conv_in.weight"], model.unet.conv_in.weight.detach().half())
+    assert (tmp_path / "out" / "scheduler_config.json").is_file()
