@@ -65,6 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--max_train_steps", type=int, default=4000)
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--lr_scheduler", default="constant", choices=["constant", "cosine", "linear"],
+                   help="After warm-up: hold the rate, or decay it to zero by --max_train_steps (a final "
+                        "annealing phase from --init_unet).")
+    p.add_argument("--init_unet", default=None,
+                   help="Start from these UNet weights (a pipeline folder with unet/, or a unet folder) instead "
+                        "of a fresh UNet; the --block_out_channels family of flags is then ignored. Lets a new "
+                        "session continue a shipped model when its checkpoints are gone.")
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--condition_dropout", type=float, default=0.15,
                    help="Zero the condition latent of tasks 1/2 this often, so e.g. a background can come from "
@@ -148,6 +155,17 @@ def build_unet(args, cross_attention_dim: int, latent_channels: int, sample_size
         norm_num_groups=min(32, args.block_out_channels[0] // 2), num_class_embeds=3)
 
 
+def lr_factor(args, step: int) -> float:
+    """Linear warm-up, then constant or decaying (cosine / linear) to zero at --max_train_steps."""
+    warm = max(1, args.lr_warmup_steps)
+    if step < warm:
+        return (step + 1) / warm
+    if args.lr_scheduler == "constant":
+        return 1.0
+    frac = min(1.0, (step - warm) / max(1, args.max_train_steps - warm))
+    return 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_scheduler == "cosine" else 1.0 - frac
+
+
 def make_batch(cache, idx, tasks, drop, drop_cond):
     """Assemble (target, condition, text) for sampled indices and tasks."""
     fg, bg = cache["fg"][idx].float(), cache["bg"][idx].float()
@@ -213,14 +231,18 @@ def main(argv=None):
         cache = build_cache(args, vae, encoder, tokenizer, text_encoder, accelerator)
 
     f = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet = build_unet(args, text_encoder.config.hidden_size, vae.config.latent_channels, args.resolution // f)
+    if args.init_unet:
+        init = Path(args.init_unet)
+        unet = UNet2DConditionModel.from_pretrained(init / "unet" if (init / "unet").is_dir() else init,
+                                                    torch_dtype=torch.float32)
+    else:
+        unet = build_unet(args, text_encoder.config.hidden_size, vae.config.latent_channels, args.resolution // f)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                     beta_end=0.012, prediction_type=args.prediction_type, clip_sample=False)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
                    model_config=unet.config) if args.use_ema else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=1e-2)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(args, s))
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)

@@ -54,3 +54,32 @@ def test_trains_saves_a_loadable_pipeline_and_resumes(parts, tmp_path):
     w1 = pipe.unet.conv_in.weight.detach().numpy()
     w2 = pipe2.unet.conv_in.weight.detach().numpy()
     assert not np.allclose(w1, w2), "resumed training must keep updating the weights"
+
+
+def test_init_unet_continues_from_given_weights_with_a_decaying_rate(parts, tmp_path):
+    """--init_unet starts from existing weights (not a fresh UNet) and --lr_scheduler cosine anneals to zero."""
+    first = tmp_path / "first"
+    train(parts, first, 2)
+    from diffusers import UNet2DConditionModel
+
+    start = UNet2DConditionModel.from_pretrained(first / "pipeline" / "unet")
+    second = tmp_path / "second"
+    # Zero learning rate: the continued model must equal its starting weights exactly.
+    train(parts, second, 2, "--init_unet", str(first / "pipeline"), "--learning_rate", "0",
+          "--block_out_channels", "16", "32")
+    cont = UNet2DConditionModel.from_pretrained(second / "pipeline" / "unet")
+    assert cont.config.block_out_channels == start.config.block_out_channels
+    for a, b in zip(start.state_dict().values(), cont.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    sys.path.insert(0, str(ROOT / "training"))
+    from train_layer_unet import lr_factor, parse_args
+
+    args = parse_args(["--vae", "v", "--codec", "c", "--output_dir", "o", "--max_train_steps", "110",
+                       "--lr_warmup_steps", "10", "--lr_scheduler", "cosine"])
+    assert lr_factor(args, 0) == 0.1 and lr_factor(args, 9) == 1.0
+    assert lr_factor(args, 10) == 1.0 and abs(lr_factor(args, 60) - 0.5) < 1e-9 and lr_factor(args, 110) < 1e-9
+    args.lr_scheduler = "constant"
+    assert lr_factor(args, 100) == 1.0
