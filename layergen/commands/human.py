@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--body", metavar="TRIPLANES",
                    help="triplanes.safetensors from an earlier run: keep its body (layer 0) and dress it")
     p.add_argument("--no-keep-uncovered", action="store_true",
-                   help="do not restore the layer below where a garment adds nothing (ablation)")
+                   help="ablation: raw tri-plane layers (no texel masking, no 3D layer supports, no "
+                        "garment re-draws), so a garment can change uncovered parts")
     p.set_defaults(func=run)
 
 
