@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from layergen.errors import LayergenError
 from layergen.models.action_identifier import (ActionIdentifier, GradientInvarianceMasker, identifier_masks,
                                                input_embedding_override, install_identifier_processors,
-                                               masked_step, substitute_identifiers)
+                                               limit_row_norms, masked_step, substitute_identifiers)
 from layergen.training_utils import resume_step, save_checkpoint, save_image_grid
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,16 @@ def parse_args(argv=None):
     p.add_argument("--steps", "--max_train_steps", dest="max_train_steps", type=int, default=300)
     p.add_argument("--train_batch_size", type=int, default=4, help="Anchors per step (each brings partners).")
     p.add_argument("--learning_rate", type=float, default=None,
-                   help="Default 5e-3 (output-space tokens) or 2e-3 (textual inversion).")
+                   help="Default 5e-2 (output-space tokens) or 2e-2 (textual inversion); see docs/actions.md.")
     p.add_argument("--weight_decay", type=float, default=1e-2)
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--mask_quantile", type=float, default=0.5,
                    help="Fraction of each layer's channels masked as action-agnostic per step (0 = no mask).")
     p.add_argument("--mask_momentum", type=float, default=0.0,
                    help="EMA of the mask statistics across steps (0 = a fresh mask every step, as ADI).")
+    p.add_argument("--max_norm_ratio", type=float, default=0.0,
+                   help="Cap each identifier row's norm at this multiple of its initial norm, rescaling only "
+                        "the channels updated this step (0 = no cap).")
     p.add_argument("--contrast", default="auto", choices=["auto", "render", "generate", "dir", "none"])
     p.add_argument("--contrast_dir", default=None)
     p.add_argument("--num_contrast", type=int, default=3, help="Action-different images per exemplar.")
@@ -109,7 +112,7 @@ def parse_args(argv=None):
     if args.method == "textual_inversion" and args.shared_token:
         p.error("--shared_token is an ADI ablation; textual inversion always has one token")
     if args.learning_rate is None:
-        args.learning_rate = 2e-3 if args.method == "textual_inversion" else 5e-3
+        args.learning_rate = 2e-2 if args.method == "textual_inversion" else 5e-2
     if args.template is None:
         args.template = "a {token}" if args.method == "textual_inversion" else "{caption} {token}"
     if args.method == "textual_inversion":
@@ -392,6 +395,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
     prompts = [prompt_for(args.template, e.get("caption"), token) for e in exemplars]
     with torch.no_grad():
         ident.embeddings.copy_(states.initial_vector(prompts)[None].expand_as(ident.embeddings))
+    max_norms = ident.embeddings.detach().norm(dim=-1) * args.max_norm_ratio
     masker = GradientInvarianceMasker(ident.num_rows, ident.embeddings.shape[1], args.mask_quantile,
                                       args.mask_momentum).to(accelerator.device)
 
@@ -442,6 +446,8 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
             keep = masker.update(g[0], g[1], g[2] if has_contrast else None)
         ident.embeddings.grad = g[:2].mean(dim=(0, 1)).to(ident.embeddings.dtype)
         masked_step(optimizer, ident.embeddings, keep)
+        if args.max_norm_ratio > 0:
+            limit_row_norms(ident.embeddings, max_norms, keep)
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         global_step += 1

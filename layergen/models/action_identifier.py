@@ -467,3 +467,23 @@ def masked_step(optimizer, param: torch.Tensor, keep: torch.Tensor | None) -> No
     optimizer.step()
     with torch.no_grad():
         param.copy_(torch.where(keep, param, frozen))
+
+
+@torch.no_grad()
+def limit_row_norms(param: torch.Tensor, max_norms: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+    """Shrink each row of `param` (rows x D) to at most `max_norms[row]` by rescaling only its
+    *kept* channels, so channels masked this step still do not move at all.
+
+    A layer-wise output-space token that grows far beyond the norm of ordinary text states
+    wins every cross-attention softmax and drowns the prompt's subject words; capping the
+    norm keeps it one token among others.
+    """
+    keep = torch.ones_like(param, dtype=torch.bool) if keep is None else keep.to(param.device)
+    kept = torch.where(keep, param, torch.zeros_like(param))
+    fixed_sq = (param - kept).pow(2).sum(-1)
+    kept_sq = kept.pow(2).sum(-1)
+    target_sq = max_norms.to(param).pow(2)
+    over = fixed_sq + kept_sq > target_sq
+    scale = torch.sqrt(((target_sq - fixed_sq).clamp_min(0) / kept_sq.clamp_min(1e-12))).clamp(max=1.0)
+    scale = torch.where(over, scale, torch.ones_like(scale))
+    param.copy_(torch.where(keep, param * scale[:, None], param))

@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from layergen.errors import FormatError, LayergenError
 from layergen.models.action_identifier import (ActionIdentifier, GradientInvarianceMasker, IdentifierAttnProcessor,
                                                cross_attention_layers, identifier_masks, install_identifier_processors,
-                                               masked_step, quantile_keep_mask, substitute_identifiers,
+                                               limit_row_norms, masked_step, quantile_keep_mask, substitute_identifiers,
                                                uninstall_identifier_processors)
 from layergen.pipelines.pipeline_action import ActionPipeline
 from layergen.testing import tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
@@ -139,6 +139,25 @@ def test_masked_adamw_step_does_not_move_masked_channels():
     q.grad = torch.randn(2, 8) * keep
     opt2.step()
     assert (q[~keep] != frozen[~keep]).all()
+
+
+def test_row_norm_cap_rescales_only_kept_channels():
+    torch.manual_seed(0)
+    p = torch.randn(3, 8) * 4
+    keep = torch.zeros(3, 8, dtype=torch.bool)
+    keep[:, :5] = True
+    before = p.clone()
+    frozen_norm = before[:, 5:].norm(dim=-1)
+    target = float(frozen_norm[1] + 0.5 * (before[1].norm() - frozen_norm[1]))
+    caps = torch.tensor([1e6, target, 0.5 * float(frozen_norm[2])])  # row 0 under its cap; row 2's frozen part exceeds it
+    limit_row_norms(p, caps, keep)
+    assert torch.equal(p[~keep], before[~keep])  # masked channels never move
+    assert torch.equal(p[0], before[0])
+    assert p[1].norm() == pytest.approx(target, rel=1e-5)
+    assert torch.equal(p[2, :5], torch.zeros(5))  # kept part shrinks as far as it can
+    q = before.clone()
+    limit_row_norms(q, torch.full((3,), 2.0))  # no mask: plain rescale
+    assert torch.allclose(q.norm(dim=-1), torch.full((3,), 2.0))
 
 
 def test_gradient_invariance_mask_keeps_action_channels():
