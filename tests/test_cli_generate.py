@@ -91,7 +91,11 @@ def test_num_images_writes_numbered_files_with_consecutive_seeds(model_dir, pipe
     a, b = (np.asarray(Image.open(tmp_path / f"s_{k}.png")) for k in range(2))
     assert not np.array_equal(a, b)
     alone = pipe(PROMPT, num_inference_steps=2, seed=6, tta=False).images[0]
-    assert np.array_equal(b, np.asarray(alone)), "image k uses seed + k"
+    # Batched and single denoising differ only in float summation order: at most one 8-bit level on a
+    # handful of pixels, while another seed changes the image by tens of levels.
+    diff = np.abs(b.astype(int) - np.asarray(alone).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, "image k uses seed + k"
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 5
     assert "seed 6" in capsys.readouterr().out
 
 
