@@ -242,7 +242,8 @@ def main(argv=None):
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
                    model_config=unet.config) if args.use_ema else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=1e-2)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(args, s))
+    # The prepared scheduler steps once per process per optimisation step (diffusers convention).
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(args, s // accelerator.num_processes))
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
