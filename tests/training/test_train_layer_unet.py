@@ -56,8 +56,8 @@ def test_trains_saves_a_loadable_pipeline_and_resumes(parts, tmp_path):
     assert not np.allclose(w1, w2), "resumed training must keep updating the weights"
 
 
-def test_init_unet_continues_from_given_weights_with_a_decaying_rate(parts, tmp_path):
-    """--init_unet starts from existing weights (not a fresh UNet) and --lr_scheduler cosine anneals to zero."""
+def test_init_unet_continues_from_given_weights(parts, tmp_path):
+    """--init_unet starts from existing weights and their config, not a fresh UNet built from the flags."""
     first = tmp_path / "first"
     train(parts, first, 2)
     from diffusers import UNet2DConditionModel
