@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -155,15 +155,15 @@ def build_unet(args, cross_attention_dim: int, latent_channels: int, sample_size
         norm_num_groups=min(32, args.block_out_channels[0] // 2), num_class_embeds=3)
 
 
-def lr_factor(args, step: int) -> float:
-    """Linear warm-up, then constant or decaying (cosine / linear) to zero at --max_train_steps."""
-    warm = max(1, args.lr_warmup_steps)
-    if step < warm:
-        return (step + 1) / warm
-    if args.lr_scheduler == "constant":
-        return 1.0
-    frac = min(1.0, (step - warm) / max(1, args.max_train_steps - warm))
-    return 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_scheduler == "cosine" else 1.0 - frac
+def make_lr_scheduler(args, optimizer, num_processes: int = 1):
+    """Linear warm-up, then constant or decaying (cosine / linear) to zero at --max_train_steps.
+
+    diffusers' `get_scheduler`; the step counts are multiplied by the process count because a
+    prepared scheduler steps once per process per optimisation step (diffusers convention).
+    """
+    name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes)
 
 
 def make_batch(cache, idx, tasks, drop, drop_cond):
@@ -242,8 +242,7 @@ def main(argv=None):
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
                    model_config=unet.config) if args.use_ema else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=1e-2)
-    # The prepared scheduler steps once per process per optimisation step (diffusers convention).
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(args, s // accelerator.num_processes))
+    lr_sched = make_lr_scheduler(args, optimizer, accelerator.num_processes)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)

@@ -90,6 +90,14 @@ def parse_args(argv=None):
     p.add_argument("--freeze_encoder", action="store_true",
                    help="Train the decoder only (with --pretrained_codec): the latents stay exactly the same, so a "
                         "diffusion model trained on them needs no retraining.")
+    p.add_argument("--new_decoder", action="store_true",
+                   help="With --pretrained_codec --freeze_encoder: keep the trained encoder but train a fresh decoder "
+                        "built from the --decoder_* flags (e.g. a wider one), so the latents do not change.")
+    p.add_argument("--latent_noise", type=float, default=0.0,
+                   help="Largest std of Gaussian noise (in posterior stds; each sample draws its own std uniformly "
+                        "from [0, this]) added to the latent before decoding in training: generated latents are "
+                        "never exact codec latents (the mini UNet's are ~1-1.8 stds off), and a decoder that only "
+                        "saw exact ones turns their error into alpha haze.")
     p.add_argument("--backprop_through_vae", action="store_true",
                    help="Let gradients reach the encoder through the frozen VAE decoder too (slower).")
     p.add_argument("--train_batch_size", type=int, default=8)
@@ -112,6 +120,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.freeze_encoder and not args.pretrained_codec:
         p.error("--freeze_encoder needs --pretrained_codec (a trained encoder to keep)")
+    if args.new_decoder and not args.freeze_encoder:
+        p.error("--new_decoder needs --freeze_encoder (and --pretrained_codec): it keeps the trained encoder")
+    if args.latent_noise < 0:
+        p.error("--latent_noise must be >= 0")
     if args.crop_size is not None and (args.crop_size % 8 or args.crop_size > args.resolution):
         p.error("--crop_size must be a multiple of 8 and at most --resolution")
     if not 0.0 <= args.scene_fraction <= 1.0:
@@ -168,8 +180,14 @@ def build_codec(args, vae):
     """Encoder/decoder sized for this VAE: same latent channels, latent injected at the VAE's scale."""
     if args.pretrained_codec:
         root = Path(args.pretrained_codec)
-        return (TransparentEncoder.from_pretrained(root / "transparent_encoder"),
-                TransparentDecoder.from_pretrained(root / "transparent_decoder"))
+        encoder = TransparentEncoder.from_pretrained(root / "transparent_encoder")
+        if not args.new_decoder:
+            return encoder, TransparentDecoder.from_pretrained(root / "transparent_decoder")
+        return encoder, build_codec_from_flags(args, vae)[1]
+    return build_codec_from_flags(args, vae)
+
+
+def build_codec_from_flags(args, vae):
     f = vae_scale_factor(vae)
     levels = int(round(math.log2(f)))
     enc_ch = tuple(args.encoder_block_out_channels)
@@ -197,12 +215,21 @@ def auto_offset_scale(vae, dataset, n=16) -> float:
     return float(1.0 / max(scaling * std, 1e-6))
 
 
-def codec_forward(vae, encoder, decoder, rgba, backprop_through_vae=False):
-    """rgba -> (decoder's raw RGBA prediction, offset). Mirrors `encode_rgba` + `decode_rgba` without TTA."""
+def codec_forward(vae, encoder, decoder, rgba, backprop_through_vae=False, latent_noise=0.0, generator=None):
+    """rgba -> (decoder's raw RGBA prediction, offset). Mirrors `encode_rgba` + `decode_rgba` without TTA.
+
+    ``latent_noise`` > 0 perturbs the latent by up to that many posterior stds (a uniform draw per
+    sample) before decoding; the VAE's decoded pixels see the same perturbed latent, as they would
+    for a generated one.
+    """
     with torch.no_grad():
         dist = vae.encode(premultiply_on_grey(rgba).to(vae.dtype)).latent_dist
     offset = encoder(rgba)
     z = dist.mean.float() + dist.std.float() * offset.float()
+    if latent_noise > 0:
+        eps = torch.randn(z.shape, generator=generator).to(z)
+        level = latent_noise * torch.rand(z.shape[0], 1, 1, 1, generator=generator).to(z)
+        z = z + level * dist.std.float() * eps
     if backprop_through_vae:
         pixel = vae.decode(z.to(vae.dtype)).sample.float()
     else:
@@ -333,7 +360,8 @@ def main(argv=None):
             batch = next(data_iter)
         rgba = batch["rgba"].to(accelerator.device)
         with accelerator.accumulate(encoder, decoder):
-            pred, offset = codec_forward(vae, encoder, decoder, rgba, args.backprop_through_vae)
+            pred, offset = codec_forward(vae, encoder, decoder, rgba, args.backprop_through_vae,
+                                         args.latent_noise, loss_gen)
             pred = pred.float()
             l_alpha, l_rgb, l_comp = codec_losses(pred, rgba, loss_gen)
             loss = args.alpha_loss_weight * l_alpha + args.rgb_loss_weight * l_rgb \

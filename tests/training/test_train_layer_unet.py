@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from layergen.testing import tiny_codec, tiny_text_encoder, tiny_tokenizer, tiny_vae
 
@@ -73,13 +74,25 @@ def test_init_unet_continues_from_given_weights(parts, tmp_path):
         assert np.array_equal(a.numpy(), b.numpy())
 
 
-def test_lr_factor_warms_up_then_decays_to_zero():
+def test_lr_schedule_warms_up_then_decays_to_zero_counting_every_process():
     sys.path.insert(0, str(ROOT / "training"))
-    from train_layer_unet import lr_factor, parse_args
+    from train_layer_unet import make_lr_scheduler, parse_args
+
+    def factors(args, num_processes, steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = make_lr_scheduler(args, opt, num_processes), []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            for _ in range(num_processes):  # a prepared scheduler steps once per process
+                opt.step()
+                sched.step()
+        return out
 
     args = parse_args(["--vae", "v", "--codec", "c", "--output_dir", "o", "--max_train_steps", "110",
                        "--lr_warmup_steps", "10", "--lr_scheduler", "cosine"])
-    assert lr_factor(args, 0) == 0.1 and lr_factor(args, 9) == 1.0
-    assert lr_factor(args, 10) == 1.0 and abs(lr_factor(args, 60) - 0.5) < 1e-9 and lr_factor(args, 110) < 1e-9
+    for procs in (1, 2):
+        f = factors(args, procs, 111)
+        assert f[0] == 0.0 and abs(f[5] - 0.5) < 1e-9 and f[10] == 1.0
+        assert abs(f[60] - 0.5) < 1e-9 and f[110] < 1e-9 and all(a >= b for a, b in zip(f[10:], f[11:]))
     args.lr_scheduler = "constant"
-    assert lr_factor(args, 100) == 1.0
+    assert factors(args, 1, 101)[100] == 1.0

@@ -129,3 +129,42 @@ def test_freeze_encoder_fine_tunes_the_decoder_only(tiny_vae_dir, tmp_path):
         a = cls.from_pretrained(first / name).state_dict()
         b = cls.from_pretrained(second / name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a) is same, name
+
+
+def test_new_decoder_keeps_the_encoder_and_trains_a_fresh_wider_decoder(tiny_vae_dir, tmp_path):
+    """--new_decoder: encoder bit-identical, decoder built from the flags (other width) and trained under latent noise."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--pretrained_vae", str(tiny_vae_dir), "--checkpointing_steps", "10", "--validation_steps", "10", *TINY]
+    run([*common, "--output_dir", str(first), "--max_train_steps", "1"])
+    wide = [*common, "--decoder_block_out_channels", "12", "12", "16", "16"]  # the last occurrence wins
+    run([*wide, "--output_dir", str(second), "--max_train_steps", "2", "--pretrained_codec", str(first),
+         "--freeze_encoder", "--new_decoder", "--latent_noise", "0.3"])
+    from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder
+    a = TransparentEncoder.from_pretrained(first / "transparent_encoder").state_dict()
+    b = TransparentEncoder.from_pretrained(second / "transparent_encoder").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list(TransparentDecoder.from_pretrained(first / "transparent_decoder").config.block_out_channels) == [8] * 4
+    assert list(TransparentDecoder.from_pretrained(second / "transparent_decoder").config.block_out_channels) == [
+        12, 12, 16, 16]
+
+
+def test_new_decoder_without_a_frozen_encoder_is_refused():
+    mod = load_script()
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--pretrained_vae", "v", "--output_dir", "o", "--new_decoder"])
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--pretrained_vae", "v", "--output_dir", "o", "--latent_noise", "-1"])
+
+
+def test_latent_noise_perturbs_the_decoded_latent_only_when_asked(tiny_vae_dir):
+    mod = load_script()
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    args = mod.parse_args(["--pretrained_vae", str(tiny_vae_dir), "--output_dir", "o", *TINY])
+    encoder, decoder = mod.build_codec(args, vae)
+    torch.nn.init.normal_(decoder.latent_conv_in.weight)  # zero-initialised: make the latent matter
+    rgba = torch.rand(2, 4, 32, 32)
+    clean = [mod.codec_forward(vae, encoder, decoder, rgba)[0] for _ in range(2)]
+    noisy = mod.codec_forward(vae, encoder, decoder, rgba, latent_noise=0.5,
+                              generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal(clean[0], clean[1])
+    assert (noisy - clean[0]).abs().mean() > 1e-4
