@@ -233,10 +233,16 @@ def _collate_records(items):
 
 
 def lora_state_dict(unet) -> dict:
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """PEFT keys (``...lora_A.weight``) for every module, attention and convolution alike.
+
+    Not `convert_state_dict_to_diffusers`: it renames only attention projections (``to_q.lora.down``)
+    and leaves convolutions as ``lora_A``, and diffusers' loader guesses the format of such a mixed
+    file from its first key, so a UNet whose first block has no attention silently lost every
+    attention LoRA on `load_lora_weights`.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 def save_lora(pipe_cls, unet, directory: Path) -> Path:

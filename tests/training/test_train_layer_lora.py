@@ -89,6 +89,8 @@ def test_lora_saves_loads_changes_output_and_resumes(setup, tmp_path):
     weights = out / "pytorch_lora_weights.safetensors"
     tensors, meta = lora_tensors(weights)
     assert all(k.startswith("unet.") and ".lora" in k for k in tensors)   # diffusers' LoRA file layout
+    # one key format throughout (PEFT): diffusers guesses a file's format from its first key
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
     assert any(".to_q.lora" in k for k in tensors) and any(".conv1.lora" in k for k in tensors)
     assert all(v.shape[0] == 4 for k, v in tensors.items() if ".lora.down." in k or ".lora_A." in k)
     config = json.loads(meta["lora_adapter_metadata"])                  # the LoRA config rides along
@@ -164,6 +166,33 @@ def test_sdxl_class_and_plain_unets(setup, tmp_path, kind):
     base = generate(pipe)
     pipe.load_lora_weights(tmp_path / "run")
     assert np.abs(generate(pipe) - base).mean() > 1.0
+
+
+def test_every_saved_lora_loads_when_the_first_block_has_no_attention(setup, tmp_path):
+    """The bundled mini's layout (DownBlock2D first): a mixed-format file used to lose every attention LoRA."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict
+
+    comps = tiny_layer_components()
+    torch.manual_seed(0)
+    comps["unet"] = UNet2DConditionModel(
+        sample_size=4, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=4, num_class_embeds=3)
+    model = tmp_path / "model"
+    TransparentLayerPipeline(**comps).save_pretrained(model)
+    train_in_process(setup, tmp_path / "run", "--pretrained_model_name_or_path", model, "--max_train_steps", 2,
+                     "--rank", 4, "--lora_conv")
+    tensors, _ = lora_tensors(tmp_path / "run" / "pytorch_lora_weights.safetensors")
+    assert next(iter(tensors)).startswith("unet.down_blocks.0.resnets")  # the first key is a convolution
+    pipe = TransparentLayerPipeline.from_pretrained(model)
+    pipe.load_lora_weights(tmp_path / "run")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
+    saved = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in tensors.items()})
+    assert any(".attn2.to_k." in k for k in loaded) and loaded.keys() == saved.keys()
+    for k in saved:
+        torch.testing.assert_close(loaded[k], saved[k])
 
 
 def test_bad_setups_fail_with_one_clear_error(setup, tmp_path):
