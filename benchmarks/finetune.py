@@ -5,8 +5,8 @@ What: the procedural generator draws `--num_images` (64) RGBA layers of a shape 
 sampled in the mini's training data (`EXTRA_SHAPES`: hexagon by default; `--shape arrow` or both),
 in all 12 colours with random material/effect and captions from the training grammar
 ("a teal glass hexagon with a soft glow"); seeds 0..N-1. `training/train_layer_lora.py` then
-LoRA-fine-tunes the bundled layergen-mini on them on this CPU (latents cached; rank 16 on attention
-and resnet convolutions, Min-SNR weighting, EMA of the LoRA weights). `--replay` (32) procedural
+LoRA-fine-tunes the bundled layergen-mini on them on this CPU (latents cached; rank 32 on attention
+and resnet convolutions, 3000 steps, Min-SNR weighting, EMA of the LoRA weights). `--replay` (64) procedural
 layers of the 8 original shapes (training seed range) join the folder: DreamBooth-style prior
 preservation, so the model keeps what it knew.
 
@@ -23,9 +23,10 @@ shapes in its vocabulary):
 * reference: the analyser on the renderer's own layers for the same prompts (what a perfect
   model gets; e.g. how often a true circle is called a hexagon).
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/finetune.py [--steps 600] [--rank 8]
+    python benchmarks/finetune.py [--steps 600] [--rank 8]      # ~30 min training + ~10 min sampling (2 cores)
 
-Prints a table and writes benchmarks/results/finetune.json (settings, seeds, per-prompt rows).
+Prints a table and writes benchmarks/results/finetune.json (settings, seeds, per-prompt rows) and
+finetune.png beside it: the first 12 new-shape prompts (one per colour) before (top) and after.
 Done bar (issue #10): new shape >= 70 % after, original accuracy drops <= 5 points.
 """
 from __future__ import annotations
@@ -60,16 +61,16 @@ def parse_args(argv=None):
                    help="new shape(s) to teach (default: hexagon; repeat for several)")
     p.add_argument("--model", default=None, help="pipeline folder (default: bundled assets/layergen-mini)")
     p.add_argument("--num_images", type=int, default=64, help="training layers per new shape")
-    p.add_argument("--replay", type=int, default=32,
+    p.add_argument("--replay", type=int, default=64,
                    help="procedural layers of the 8 original shapes added to the data (prior preservation)")
     p.add_argument("--material", choices=["solid", "glass"], default=None,
                    help="material of the new-shape layers (default: the training grammar's mix)")
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank", type=int, default=32)
     p.add_argument("--lora_alpha", type=float, default=None)
     p.add_argument("--no_lora_conv", dest="lora_conv", action="store_false",
                    help="LoRA on attention only (default: attention + resnet convolutions)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: off)")
@@ -161,8 +162,9 @@ def score(rgba, spec: dict, new_shapes) -> dict:
                 new_shape_margin=margin)
 
 
-def generate_and_score(pipe, specs, args, label: str) -> list[dict]:
-    rows = []
+def generate_and_score(pipe, specs, args, label: str, keep: int = 0) -> tuple[list[dict], list]:
+    """Scored rows for every spec, and the first `keep` images (float RGBA) for the figure."""
+    rows, kept = [], []
     batch = 4
     t0 = time.perf_counter()
     for i in range(0, len(specs), batch):
@@ -174,9 +176,11 @@ def generate_and_score(pipe, specs, args, label: str) -> list[dict]:
                    guidance_scale=args.guidance, height=args.size, width=args.size, output_type="np")
         for spec, img in zip(chunk, out.images):
             rows.append(score(np.asarray(img), spec, args.shape))
+            if len(kept) < keep:
+                kept.append(np.asarray(img, np.float32))
         print(f"[{label}] {min(i + batch, len(specs))}/{len(specs)} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
-    return rows
+    return rows, kept
 
 
 def reference_rows(specs, size: int, new_shapes) -> list[dict]:
@@ -280,14 +284,15 @@ def main(argv=None) -> dict:
         train_seconds, train_cpu = train(args, data, lora_dir)
 
     pipe = load_pipeline(args.model, quiet=True)
-    before = generate_and_score(pipe, specs, args, "before")
+    n_fig = min(len(COLOURS), sum(s["group"] == "new" for s in specs))
+    before, fig_before = generate_and_score(pipe, specs, args, "before", keep=n_fig)
     from diffusers.utils import logging as dlog
 
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected: only the UNet is adapted
     pipe.load_lora_weights(str(lora_dir))
     dlog.set_verbosity(level)
-    after = generate_and_score(pipe, specs, args, "after")
+    after, fig_after = generate_and_score(pipe, specs, args, "after", keep=n_fig)
     reference = reference_rows(specs, args.size, args.shape)
     if unet_fingerprint(args.model) != unet_before:
         from layergen.errors import LayergenError
@@ -330,6 +335,10 @@ def main(argv=None) -> dict:
         "rows": {"before": before, "after": after, "reference": reference},
     }
     write_text_atomic(args.output, json.dumps(result, indent=2) + "\n")
+    from layergen.training_utils import rgba_preview, save_image_grid
+
+    figure = Path(args.output).with_suffix(".png")
+    save_image_grid([rgba_preview(x) for x in fig_before + fig_after], figure, cols=n_fig)
 
     names = "/".join(args.shape)
     print(f"\nLoRA fine-tuning on {args.num_images} {names} layers (+{args.replay} replay), rank {args.rank}, "
@@ -350,7 +359,7 @@ def main(argv=None) -> dict:
           f"strict = {names} and its template beats every original shape's IoU by >= {STRICT_MARGIN})")
     print(f"done bar: new shape >= {NEW_MIN:.0%} after, drop <= {100 * DROP_MAX:g} points -> "
           + ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in done.items()))
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output} and {figure}")
     return result
 
 

@@ -73,3 +73,8 @@ def test_end_to_end_on_a_tiny_model(bench, tmp_path, capsys, monkeypatch):
     after = [(r["pred_shape"], r["new_shape_margin"]) for r in saved["rows"]["after"]]
     assert len(before) == len(after) == 20 and before != after     # the LoRA changed what the model draws
     assert all(isinstance(m, float) or m is None for _, m in before) and np.isfinite(s["before"]["new_shape_rate"])
+    from PIL import Image
+
+    figure = np.asarray(Image.open(tmp_path / "finetune.png"))
+    assert figure.shape == (2 * 32, 12 * 32, 3)                    # before row over after row, one per colour
+    assert not np.array_equal(figure[:32], figure[32:])

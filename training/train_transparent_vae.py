@@ -21,6 +21,11 @@ colour under partial alpha shows on any background but mid-grey).
 (~0.8 s/step on 2 free CPU cores: 64 px crops around the object for speed, then the last
 steps on whole 128 px layers so GroupNorm statistics match full-size inference.)
 
+Decoder-only runs keep the latents (and so the diffusion model) valid: `--pretrained_codec DIR
+--freeze_encoder` fine-tunes the shipped decoder, `--new_decoder` trains a fresh one of another size
+behind the frozen encoder, and `--latent_noise S` trains it on latents perturbed by up to S
+posterior stds, as generated latents are.
+
 Writes `<output_dir>/transparent_encoder/` and `<output_dir>/transparent_decoder/`
 (`from_pretrained` folders), `checkpoint-N/` folders and `validation/step-N.png` previews
 (true vs decoded RGBA over a checkerboard, decoded alpha).
