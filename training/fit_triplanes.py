@@ -330,6 +330,9 @@ def main(argv=None):
     # ---- phase A: joint decoder + planes
     if args.decoder_path:
         decoder = TriplaneDecoder.from_pretrained(args.decoder_path)
+        if accelerator.is_main_process:  # the output is a complete stage-1 folder for train_triplane_diffusion.py
+            with atomic_dir(out / "decoder") as tmp:
+                decoder.save_pretrained(tmp)
     elif (out / "decoder" / "config.json").is_file() and (out / "triplanes_joint.safetensors").is_file():
         accelerator.print("phase A already done; loading its decoder")
         decoder = TriplaneDecoder.from_pretrained(out / "decoder")

@@ -136,6 +136,8 @@ def load_stage1(data_dir):
     path = data_dir / "triplanes.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: run training/fit_triplanes.py first")
+    if not (data_dir / "decoder" / "config.json").is_file():
+        raise FileNotFoundError(f"{data_dir / 'decoder'}: no stage-1 decoder folder (fit_triplanes.py writes it)")
     t = load_file(str(path))
     return t["planes"], t["present"], TriplaneDecoder.from_pretrained(data_dir / "decoder")
 

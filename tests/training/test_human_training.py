@@ -62,6 +62,11 @@ def test_fit_triplanes_then_diffusion_two_steps_and_resume(tmp_path):
     assert t["planes"].shape[0] == 2
     assert torch.equal(t["planes"][:, 0].float(), template.half().float().expand(2, *template.shape))
     assert not t["planes"][:, 1:].any()                                 # garment residuals start at zero
+    # a planes-only run is a complete stage-1 folder: stage 2 trains on it with the given decoder
+    from layergen.models.triplane import TriplaneDecoder
+
+    copied, given = TriplaneDecoder.from_pretrained(s1t / "decoder"), TriplaneDecoder.from_pretrained(s1 / "decoder")
+    assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), given.state_dict().values()))
 
     from layergen.pipelines.pipeline_layered_human import LayeredHumanPipeline
 
