@@ -75,3 +75,25 @@ def test_fit_triplanes_then_diffusion_two_steps_and_resume(tmp_path):
     assert pipe.unet.config.sample_scales[0] > 0 and pipe.decoder.config.use_shift is False
     out = pipe(layers=("body", "pants"), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.triplanes.shape == (2, 3, 9, 8, 8) and torch.isfinite(out.triplanes).all()
+
+
+def test_layer_weights_draw_a_layer_class_that_much_more_often():
+    sys.path.insert(0, str(ROOT / "training"))
+    import pytest
+    from train_triplane_diffusion import TriplaneLayerDataset, layer_sampler, parse_layer_weights
+
+    assert parse_layer_weights("shoes=3, hat=0.5") == [1.0, 1.0, 1.0, 3.0, 0.5]
+    for bad in ("boots=2", "shoes", "shoes=-1", "body=0,pants=0,shirt=0,shoes=0,hat=0"):
+        with pytest.raises(ValueError, match="--layer_weights"):
+            parse_layer_weights(bad)
+    present = torch.ones(40, 5, dtype=torch.bool)
+    present[:, 4] = False                                                 # no hats: 4 classes x 40 examples
+    dataset = TriplaneLayerDataset(torch.zeros(40, 5, 3, 2, 4, 4), present)
+    assert layer_sampler(dataset, None, 0) is None
+    sampler = layer_sampler(dataset, "shoes=3", 0)                       # one sampler, 50 epochs
+    draws = torch.tensor([dataset.items[i][1] for _ in range(50) for i in sampler])
+    share = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert len(draws) == 50 * 160 and abs(share[3].item() - 0.5) < 0.03   # 3 / (1 + 1 + 1 + 3)
+    assert all(abs(share[k].item() - 1 / 6) < 0.03 for k in range(3)) and share[4] == 0
+    again = [dataset.items[i][1] for i in layer_sampler(dataset, "shoes=3", 0)]
+    assert again == draws[:160].tolist()                                  # seeded: reproducible order
