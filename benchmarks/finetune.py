@@ -177,7 +177,7 @@ def generate_and_score(pipe, specs, args, label: str, keep: int = 0) -> tuple[li
         for spec, img in zip(chunk, out.images):
             rows.append(score(np.asarray(img), spec, args.shape))
             if len(kept) < keep:
-                kept.append(np.asarray(img, np.float32))
+                kept.append(np.asarray(img, np.float32) / 255.0)   # the pipeline's np output is uint8 RGBA
         print(f"[{label}] {min(i + batch, len(specs))}/{len(specs)} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
     return rows, kept

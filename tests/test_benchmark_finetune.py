@@ -78,3 +78,4 @@ def test_end_to_end_on_a_tiny_model(bench, tmp_path, capsys, monkeypatch):
     figure = np.asarray(Image.open(tmp_path / "finetune.png"))
     assert figure.shape == (2 * 32, 12 * 32, 3)                    # before row over after row, one per colour
     assert not np.array_equal(figure[:32], figure[32:])
+    assert (figure == 255).all(-1).mean() < 0.5                    # colours over a checkerboard, not clipped white
