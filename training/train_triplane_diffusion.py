@@ -19,7 +19,7 @@ CPU notes: `--mixed_precision bf16` runs the UNet under bf16 autocast (~1.5x fas
 with AVX512-BF16, but 16x slower, 6 s vs 0.37 s per step, on one without: measure first), `--snr_gamma 5` (Min-SNR weighting) converges several times faster than
 the plain loss, and `--pretrained_unet` continues from an earlier run's weights with a
 fresh optimiser and schedule. `--layer_weights shoes=3` draws examples of a layer class that
-often as the others (small garments, whose residuals are a few texels, learn slowest). The shipped mini model: 1200 steps (lr 3e-4, plain loss),
+many times as often as the others (small garments, whose residuals are a few texels, learn slowest). The shipped mini model: 1200 steps (lr 3e-4, plain loss),
 then 2000 steps from that EMA with lr 5e-4, Min-SNR 5, bf16 (see
 assets/layergen-mini/human/README.md).
 """
@@ -139,9 +139,13 @@ def parse_layer_weights(text: str | None) -> list:
     weights = [1.0] * len(LAYER_NAMES)
     for item in filter(None, (text or "").split(",")):
         name, _, value = item.partition("=")
-        if name.strip() not in LAYER_NAMES or not value:
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if name.strip() not in LAYER_NAMES or weight is None:
             raise ValueError(f"--layer_weights: {item!r} is not NAME=WEIGHT with NAME in {', '.join(LAYER_NAMES)}")
-        weights[LAYER_NAMES.index(name.strip())] = float(value)
+        weights[LAYER_NAMES.index(name.strip())] = weight
     if any(w < 0 for w in weights) or not any(weights):
         raise ValueError("--layer_weights: weights must be >= 0 and not all zero")
     return weights

@@ -83,7 +83,7 @@ def test_layer_weights_draw_a_layer_class_that_much_more_often():
     from train_triplane_diffusion import TriplaneLayerDataset, layer_sampler, parse_layer_weights
 
     assert parse_layer_weights("shoes=3, hat=0.5") == [1.0, 1.0, 1.0, 3.0, 0.5]
-    for bad in ("boots=2", "shoes", "shoes=-1", "body=0,pants=0,shirt=0,shoes=0,hat=0"):
+    for bad in ("boots=2", "shoes", "shoes=many", "shoes=-1", "body=0,pants=0,shirt=0,shoes=0,hat=0"):
         with pytest.raises(ValueError, match="--layer_weights"):
             parse_layer_weights(bad)
     present = torch.ones(40, 5, dtype=torch.bool)
