@@ -94,3 +94,30 @@ def save_image_grid(images, path, cols: int | None = None) -> None:
     os.makedirs(Path(path).parent, exist_ok=True)
     with atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
+
+
+def load_text_encoder(spec: str, max_length: int):
+    """(tokenizer, frozen text encoder, its folder) from a local folder, or 'packaged' for the bundled
+    all-MiniLM-L6-v2; never downloads."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from layergen.mini import packaged_text_encoder_path
+
+    path = packaged_text_encoder_path() if spec == "packaged" else Path(spec)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, model_max_length=max_length)
+    enc = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+    return tok, enc, path
+
+
+def embed_texts(tokenizer, encoder, texts, batch: int = 64):
+    """fp16 last hidden states of `texts` (padded to the tokenizer's max length): procedural captions repeat, so
+    training scripts embed each distinct caption once and cache the result."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            t = tokenizer(texts[i:i + batch], padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt")
+            out.append(encoder(t.input_ids, attention_mask=t.attention_mask)[0].half())
+    return torch.cat(out)

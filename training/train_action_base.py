@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure,
                                    subject_caption)
-from layergen.training_utils import resume_step, save_checkpoint, save_image_grid
+from layergen.training_utils import embed_texts, load_text_encoder, resume_step, save_checkpoint, save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -91,27 +91,6 @@ def parse_args(argv=None):
     if not 0 < args.num_samples < HELDOUT_SEED_START:
         p.error("--num_samples must be positive and below the held-out seed range")
     return args
-
-
-def load_text_encoder(spec: str, max_length: int):
-    from transformers import AutoModel, AutoTokenizer
-
-    from layergen.mini import packaged_text_encoder_path
-
-    path = packaged_text_encoder_path() if spec == "packaged" else Path(spec)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, model_max_length=max_length)
-    enc = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-    return tok, enc, path
-
-
-@torch.no_grad()
-def embed_texts(tokenizer, encoder, texts, batch=64):
-    out = []
-    for i in range(0, len(texts), batch):
-        t = tokenizer(texts[i:i + batch], padding="max_length", max_length=tokenizer.model_max_length,
-                      truncation=True, return_tensors="pt")
-        out.append(encoder(t.input_ids, attention_mask=t.attention_mask)[0].half())
-    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -29,7 +29,6 @@ latents and text embeddings are computed once, so a step costs one UNet forward/
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging

@@ -103,6 +103,10 @@ def parse_args(argv=None):
                         "from [0, this]) added to the latent before decoding in training: generated latents are "
                         "never exact codec latents (the mini UNet's are ~1-1.8 stds off), and a decoder that only "
                         "saw exact ones turns their error into alpha haze.")
+    p.add_argument("--alpha_teacher_weight", type=float, default=0.0,
+                   help="With --pretrained_codec: L1 between the decoder's alpha and the starting decoder's alpha on "
+                        "the same (noisy) latents. A fine-tune aimed at RGB then keeps the alpha behaviour the "
+                        "diffusion model was tuned against (an RGB-only fine-tune made generated alpha hazier).")
     p.add_argument("--backprop_through_vae", action="store_true",
                    help="Let gradients reach the encoder through the frozen VAE decoder too (slower).")
     p.add_argument("--train_batch_size", type=int, default=8)
@@ -127,6 +131,8 @@ def parse_args(argv=None):
         p.error("--freeze_encoder needs --pretrained_codec (a trained encoder to keep)")
     if args.new_decoder and not args.freeze_encoder:
         p.error("--new_decoder needs --freeze_encoder (and --pretrained_codec): it keeps the trained encoder")
+    if args.alpha_teacher_weight and not args.pretrained_codec:
+        p.error("--alpha_teacher_weight needs --pretrained_codec (the decoder whose alpha to keep)")
     if args.latent_noise < 0:
         p.error("--latent_noise must be >= 0")
     if args.crop_size is not None and (args.crop_size % 8 or args.crop_size > args.resolution):
@@ -220,12 +226,14 @@ def auto_offset_scale(vae, dataset, n=16) -> float:
     return float(1.0 / max(scaling * std, 1e-6))
 
 
-def codec_forward(vae, encoder, decoder, rgba, backprop_through_vae=False, latent_noise=0.0, generator=None):
-    """rgba -> (decoder's raw RGBA prediction, offset). Mirrors `encode_rgba` + `decode_rgba` without TTA.
+def codec_forward(vae, encoder, decoder, rgba, backprop_through_vae=False, latent_noise=0.0, generator=None,
+                  teacher=None):
+    """rgba -> (decoder's raw RGBA prediction, offset, teacher's prediction or None). Mirrors `encode_rgba` +
+    `decode_rgba` without TTA.
 
     ``latent_noise`` > 0 perturbs the latent by up to that many posterior stds (a uniform draw per
     sample) before decoding; the VAE's decoded pixels see the same perturbed latent, as they would
-    for a generated one.
+    for a generated one. ``teacher`` (a frozen decoder) decodes the very same inputs.
     """
     with torch.no_grad():
         dist = vae.encode(premultiply_on_grey(rgba).to(vae.dtype)).latent_dist
@@ -241,7 +249,11 @@ def codec_forward(vae, encoder, decoder, rgba, backprop_through_vae=False, laten
         with torch.no_grad():
             pixel = vae.decode(z.detach().to(vae.dtype)).sample.float()
     pixel = (pixel * 0.5 + 0.5).clamp(0, 1)
-    return decoder(pixel, z), offset
+    teacher_pred = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_pred = teacher(pixel, z.detach()).float()
+    return decoder(pixel, z), offset, teacher_pred
 
 
 def codec_losses(pred, rgba, generator=None):
@@ -312,6 +324,10 @@ def main(argv=None):
     accelerator.print(f"codec: encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M, decoder "
                       f"{sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, "
                       f"offset_scale {encoder.config.offset_scale:.4g}")
+    teacher = None
+    if args.alpha_teacher_weight:
+        teacher = TransparentDecoder.from_pretrained(Path(args.pretrained_codec) / "transparent_decoder")
+        teacher.requires_grad_(False).eval().to(accelerator.device)
     decoder.train()
     if args.freeze_encoder:
         encoder.requires_grad_(False).eval().to(accelerator.device)
@@ -365,14 +381,16 @@ def main(argv=None):
             batch = next(data_iter)
         rgba = batch["rgba"].to(accelerator.device)
         with accelerator.accumulate(encoder, decoder):
-            pred, offset = codec_forward(vae, encoder, decoder, rgba, args.backprop_through_vae,
-                                         args.latent_noise, loss_gen)
+            pred, offset, teacher_pred = codec_forward(vae, encoder, decoder, rgba, args.backprop_through_vae,
+                                                       args.latent_noise, loss_gen, teacher)
             pred = pred.float()
             l_alpha, l_rgb, l_comp = codec_losses(pred, rgba, loss_gen)
             loss = args.alpha_loss_weight * l_alpha + args.rgb_loss_weight * l_rgb \
                 + args.composite_loss_weight * l_comp
             if args.rgb_mse_weight:
                 loss = loss + args.rgb_mse_weight * rgb_mse_loss(pred, rgba)
+            if teacher_pred is not None:
+                loss = loss + args.alpha_teacher_weight * F.l1_loss(pred[:, 3:], teacher_pred[:, 3:])
             if args.offset_l2_weight:
                 loss = loss + args.offset_l2_weight * offset.float().pow(2).mean()
             accelerator.backward(loss)

@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..errors import LayergenError
-from ..layers import Layer, LayerStack
+from ..layers import Layer
 from ..models.transparent_codec import decode_rgba, encode_rgba, vae_scale_factor
 from .pipeline_output import LayerPipelineOutput
 

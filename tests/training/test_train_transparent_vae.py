@@ -168,3 +168,28 @@ def test_latent_noise_perturbs_the_decoded_latent_only_when_asked(tiny_vae_dir):
                               generator=torch.Generator().manual_seed(0))[0]
     assert torch.equal(clean[0], clean[1])
     assert (noisy - clean[0]).abs().mean() > 1e-4
+
+
+def test_alpha_teacher_decodes_the_same_noisy_inputs_as_the_student(tiny_vae_dir):
+    """The teacher sees exactly the student's (noisy) latent and pixels: a copy of the student agrees (to float rounding),
+    so the --alpha_teacher_weight term starts at zero and only grows as the student's alpha drifts."""
+    import copy
+
+    mod = load_script()
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    args = mod.parse_args(["--pretrained_vae", str(tiny_vae_dir), "--output_dir", "o", *TINY])
+    encoder, decoder = mod.build_codec(args, vae)
+    torch.nn.init.normal_(decoder.latent_conv_in.weight)
+    teacher = copy.deepcopy(decoder).requires_grad_(False)
+    rgba = torch.rand(2, 4, 32, 32)
+    pred, _, teacher_pred = mod.codec_forward(vae, encoder, decoder, rgba, latent_noise=0.5,
+                                              generator=torch.Generator().manual_seed(0), teacher=teacher)
+    assert (pred - teacher_pred).abs().max() < 1e-5  # same inputs (grad vs no-grad kernels differ in the last bits)
+    assert mod.codec_forward(vae, encoder, decoder, rgba)[2] is None
+    with torch.no_grad():
+        teacher.conv_out.bias += 0.25
+    _, _, moved = mod.codec_forward(vae, encoder, decoder, rgba, latent_noise=0.5,
+                                    generator=torch.Generator().manual_seed(0), teacher=teacher)
+    assert torch.allclose(moved - pred.detach(), torch.full_like(pred, 0.25), atol=1e-5)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--pretrained_vae", "v", "--output_dir", "o", "--alpha_teacher_weight", "1"])
