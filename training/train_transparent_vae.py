@@ -23,8 +23,9 @@ steps on whole 128 px layers so GroupNorm statistics match full-size inference.)
 
 Decoder-only runs keep the latents (and so the diffusion model) valid: `--pretrained_codec DIR
 --freeze_encoder` fine-tunes the shipped decoder, `--new_decoder` trains a fresh one of another size
-behind the frozen encoder, and `--latent_noise S` trains it on latents perturbed by up to S
-posterior stds, as generated latents are.
+behind the frozen encoder, `--latent_noise S` trains it on latents perturbed by up to S
+posterior stds, as generated latents are, and `--alpha_teacher_weight W` holds its alpha to the starting decoder's
+on those same latents (how the shipped decoder was fine-tuned for RGB without hazier generated alpha).
 
 Writes `<output_dir>/transparent_encoder/` and `<output_dir>/transparent_decoder/`
 (`from_pretrained` folders), `checkpoint-N/` folders and `validation/step-N.png` previews

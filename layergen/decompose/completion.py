@@ -220,7 +220,6 @@ class StructureFill(BackgroundCompleter):
 
     def model(self, image, hole):
         """The 1-D background model, or None when the known pixels are not 1-D."""
-
         known = ~hole
         angle, coherence = _structure_direction(image, known)
         if coherence < self.min_coherence and self.min_coherence > 0:
