@@ -196,20 +196,31 @@ def _vae_roundtrip(pipe, image: np.ndarray) -> np.ndarray:
 def load_decomposition_pipeline(path=None, background_mode: str = "residual", **kwargs):
     """The learned `DecompositionPipeline` from a folder (default: the bundled mini family, assets/layergen-mini).
 
-    The folder holds `decomposer/`, `vae/` and optionally `scheduler/` and `codec/` (a TransparentDecoder).
-    In the mini family `vae/` is shared with the text-to-layer model, so the decomposer's own scheduler
-    config lives in `decomposer/scheduler_config.json` (preferred over `scheduler/` when present).
+    The folder holds `layer_matte/` (a `LayerMatteNet`, what the mini family ships) and/or the latent
+    diffusion decomposer: `decomposer/`, `vae/` and optionally `scheduler/` and `codec/` (a
+    TransparentDecoder). A folder that is itself a saved `LayerMatteNet` works too. In the mini family
+    `vae/` is shared with the text-to-layer model, so the decomposer's own scheduler config lives in
+    `decomposer/scheduler_config.json` (preferred over `scheduler/` when present).
     Weights stored in fp16 load as fp32 (CPU inference).
     """
     from diffusers import AutoencoderKL, DDIMScheduler
 
     from ..pipelines.pipeline_decomposition import DecompositionPipeline
+    from .matte_net import LayerMatteNet
 
     path = Path(path) if path else DEFAULT_DECOMPOSER
+    matte = None
+    for folder in (path / "layer_matte", path):
+        if _class_name(folder) == "LayerMatteNet":
+            matte = LayerMatteNet.from_pretrained(folder, torch_dtype=torch.float32).eval()
+            break
     if not (path / "decomposer" / "config.json").is_file():
-        raise ModelNotFoundError(
-            f"{path}: no learned decomposer here (expected decomposer/config.json). Train one with "
-            "training/train_decomposer.py, or omit --model/--learned to use the classical pipeline")
+        if matte is None:
+            raise ModelNotFoundError(
+                f"{path}: no learned decomposer here (expected layer_matte/config.json or decomposer/config.json). "
+                "Train one with training/train_layer_matte.py, or omit --model/--learned to use the classical "
+                "pipeline")
+        return DecompositionPipeline(matte=matte, **kwargs)
     if not (path / "vae" / "config.json").is_file():
         raise ModelNotFoundError(f"{path}: the learned decomposer needs its VAE in {path / 'vae'}")
     decomposer = LayerDecomposer.from_pretrained(path / "decomposer", torch_dtype=torch.float32).eval()
@@ -225,9 +236,19 @@ def load_decomposition_pipeline(path=None, background_mode: str = "residual", **
         scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     else:
         scheduler = DDIMScheduler(prediction_type="v_prediction")
-    pipe = DecompositionPipeline(decomposer=decomposer, vae=vae, codec=codec, scheduler=scheduler, **kwargs)
+    pipe = DecompositionPipeline(decomposer=decomposer, vae=vae, codec=codec, scheduler=scheduler, matte=matte,
+                                 **kwargs)
     pipe.background_mode = background_mode
     return pipe
+
+
+def _class_name(folder: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
 
 
 def save_decomposition_pipeline(dest, decomposer, vae, scheduler, codec=None) -> Path:

@@ -790,19 +790,28 @@ def _point_mask(x, y, h, w):
 
 
 # ------------------------------------------------------------------------------------------- ordering
-def order_top_first(proposals: list[InstanceProposal]) -> list[InstanceProposal]:
+def order_top_first(proposals: list[InstanceProposal], above: np.ndarray | None = None) -> list[InstanceProposal]:
     """Occlusion order, topmost first.
 
     For two touching bodies, the occluded one has a "bite" out of its shape:
     its convex hull reaches into the other body. The body whose hull covers
     less of the other is on top. Unrelated bodies: lower on the canvas first
-    (nearer the viewer in most photos), then smaller first.
+    (nearer the viewer in most photos), then smaller first. `above[i, j]`
+    (bool n x n: i is above j), when given, replaces the hull rule (e.g. from
+    the learned layer matte).
     """
-    import cv2
-
     n = len(proposals)
     if n <= 1:
         return list(proposals)
+    if above is None:
+        above = _hull_order(proposals)
+    return _topological(proposals, np.asarray(above, bool))
+
+
+def _hull_order(proposals: list[InstanceProposal]) -> np.ndarray:
+    import cv2
+
+    n = len(proposals)
     hulls = []
     for p in proposals:
         pts = cv2.findNonZero(p.mask.astype(np.uint8))
@@ -823,6 +832,11 @@ def order_top_first(proposals: list[InstanceProposal]) -> list[InstanceProposal]
                 above[i, j] = True
             else:
                 above[j, i] = True
+    return above
+
+
+def _topological(proposals: list[InstanceProposal], above: np.ndarray) -> list[InstanceProposal]:
+    n = len(proposals)
 
     def key(k):
         box = proposals[k].box

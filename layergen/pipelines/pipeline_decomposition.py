@@ -13,10 +13,13 @@ stack re-composites to the input. `recursive=True` re-runs the proposal on
 the revealed image after every peel, up to `num_layers` layers.
 
 Components are plain objects (see `layergen.decompose`): `proposer`,
-`matting`, `completion`, `extraction`. With a learned `decomposer` (a latent
-diffusion model conditioned on composite + instance mask, predicting the
-background latent and the RGBA-layer latent jointly) its alpha replaces the
-matting prior and its background replaces the completion inside the hole.
+`matting`, `completion`, `extraction`. Learned modules (optional):
+`matte` (`LayerMatteNet`: composite + instance box -> the layer's amodal and
+visible alpha and its colour, in one pass) replaces the matting prior, the
+glass alpha and the occlusion order, and completes what other layers hide;
+`decomposer` (a latent diffusion model conditioned on composite + instance
+mask, predicting the background latent and the RGBA-layer latent jointly)
+replaces the matting prior and the completion inside the hole.
 """
 from __future__ import annotations
 
@@ -182,22 +185,23 @@ def estimate_translucency(image, background, body, min_background_std: float = 0
 class DecompositionPipeline(DiffusionPipeline):
     """Image (+ optional boxes / masks / points) -> `LayerStack` of background + RGBA instances.
 
-    Registered (optional) modules, for the learned path: `decomposer`
+    Registered (optional) modules, for the learned path: `matte`
+    (`layergen.decompose.matte_net.LayerMatteNet`), `decomposer`
     (`layergen.decompose.learned.LayerDecomposer`), `vae` (AutoencoderKL),
     `codec` (TransparentDecoder for the RGBA latent), `scheduler`.
     Plain components (not saved with `save_pretrained`): `proposer`,
     `matting`, `completion`, `extraction`.
     """
 
-    model_cpu_offload_seq = "vae->decomposer->codec"
-    _optional_components = ["decomposer", "vae", "codec", "scheduler"]
+    model_cpu_offload_seq = "matte->vae->decomposer->codec"
+    _optional_components = ["matte", "decomposer", "vae", "codec", "scheduler"]
     _callback_tensor_inputs = ["background"]
 
-    def __init__(self, decomposer=None, vae=None, codec=None, scheduler=None,
+    def __init__(self, decomposer=None, vae=None, codec=None, scheduler=None, matte=None,
                  proposer: InstanceProposer | None = None, matting: AlphaMatting | None = None,
                  completion: BackgroundCompleter | None = None, extraction: ForegroundExtraction | None = None):
         super().__init__()
-        self.register_modules(decomposer=decomposer, vae=vae, codec=codec, scheduler=scheduler)
+        self.register_modules(decomposer=decomposer, vae=vae, codec=codec, scheduler=scheduler, matte=matte)
         self.proposer = proposer
         self.matting = matting if matting is not None else ClosedFormMatting()
         self.completion = completion if completion is not None else StructureFill()
@@ -206,7 +210,28 @@ class DecompositionPipeline(DiffusionPipeline):
 
     @property
     def learned(self) -> bool:
+        """A latent-diffusion decomposer is loaded (see `learned_step`)."""
         return getattr(self, "decomposer", None) is not None and getattr(self, "vae", None) is not None
+
+    def predict_layers(self, image: np.ndarray, proposals: list[InstanceProposal]) -> None:
+        """Run the layer matte once per proposal (its box, the others' boxes as context); the result
+        travels with the proposal (`metadata["matte"]`) through ordering and peeling."""
+        from ..decompose.matte_net import box_mask, predict_layer
+
+        h, w = image.shape[:2]
+        boxes = [p.metadata.get("box", p.box) for p in proposals]
+        for k, p in enumerate(proposals):
+            others = box_mask([b for j, b in enumerate(boxes) if j != k], h, w)
+            p.metadata["matte"] = predict_layer(self.matte, image, box_mask([boxes[k]], h, w), others)
+
+    def order(self, image: np.ndarray, proposals: list[InstanceProposal]) -> list[InstanceProposal]:
+        """Topmost first: by the layer matte's visibility when it is loaded, else by body shape."""
+        if getattr(self, "matte", None) is None or not proposals:
+            return order_top_first(proposals)
+        from ..decompose.matte_net import visibility_order
+
+        self.predict_layers(image, proposals)
+        return order_top_first(proposals, visibility_order([p.metadata["matte"] for p in proposals]))
 
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, image, boxes, masks, points, num_layers):
@@ -271,6 +296,34 @@ class DecompositionPipeline(DiffusionPipeline):
         background = np.where(alpha[..., None] > 0, background, image)  # nothing explained by the layer is lost
         return rgb, alpha, background
 
+    def peel_with_matte(self, image: np.ndarray, proposal: InstanceProposal, others: np.ndarray,
+                        lower: list[dict], revealed: np.ndarray):
+        """One peel guided by the layer matte. Returns `(rgb, alpha, background)` like `peel`.
+
+        The layer's alpha is the matte's: visible alpha, and amodal alpha where layers above were
+        peeled (`revealed`: there the image already shows this layer completed). Only those pixels
+        form the hole. The image under it is the completion, learnt only from pixels no instance
+        covers (`others`), with the remaining instances' predicted layers (`lower`, topmost first)
+        composited over it — so a shadow on a lower object is unblended against that object, and
+        what this layer hides of them comes back completed. Unblending then only recovers the colour
+        (and raises alpha where that colour would leave [0, 1]), so the stack re-composites exactly.
+        """
+        pred = proposal.metadata["matte"]
+        alpha = np.where(revealed, pred["amodal"], pred["visible"]).astype(np.float32)
+        hole = alpha > 0.01
+        if not hole.any():
+            return np.zeros_like(image), np.zeros(alpha.shape, np.float32), image
+        if hole.all():
+            hole = hole & ~_frame(hole.shape)
+        under = self.completion(image, hole, ignore=others & ~hole)
+        for pred in reversed(lower):  # bottom first
+            a = pred["amodal"][..., None]
+            under = pred["colour"] * a + under * (1 - a)
+        background = np.where(hole[..., None], under, image).astype(np.float32)
+        rgb, alpha = self.extraction(image, background, hole, alpha, fixed=hole)
+        background = np.where(alpha[..., None] > 0, background, image)
+        return rgb, alpha, background
+
     def translucency(self, image, background, body, learned_alpha=None):
         """`(alpha, colour offset)` of a see-through body, or None when it is opaque.
 
@@ -313,11 +366,12 @@ class DecompositionPipeline(DiffusionPipeline):
         img = load_image(image)
         h, w = img.shape[:2]
         proposer = self.make_proposer(boxes, masks, points)
-        proposals = order_top_first(proposer(img))
+        proposals = self.order(img, proposer(img))
         limit = num_layers if num_layers is not None else (len(proposals) if not recursive else 8)
         if not recursive:
             proposals = proposals[:limit]
         current = img
+        revealed = np.zeros((h, w), bool)  # where peeled layers were: lower layers show there completed
         peeled: list[Layer] = []
         used = []
         total = limit if recursive else len(proposals)
@@ -325,7 +379,7 @@ class DecompositionPipeline(DiffusionPipeline):
             i = 0
             while i < total:
                 if recursive and i > 0:
-                    found = order_top_first(proposer(current)) if boxes is None and masks is None and points is None \
+                    found = self.order(current, proposer(current)) if boxes is None and masks is None and points is None \
                         else []
                     if not found:
                         break
@@ -335,10 +389,17 @@ class DecompositionPipeline(DiffusionPipeline):
                 p = proposals[0] if recursive else proposals[i]
                 rest = proposals[1:] if recursive else proposals[i + 1:]
                 others = np.zeros((h, w), bool)
-                for q in rest:
-                    others |= q.region
-                rgb, alpha, current = self.peel(current, p, generator, num_inference_steps, others=others,
-                                                below=[q.mask for q in rest])
+                if "matte" in p.metadata:
+                    for q in rest:
+                        others |= q.metadata["matte"]["amodal"] > 0.01
+                    rgb, alpha, current = self.peel_with_matte(current, p, others,
+                                                               [q.metadata["matte"] for q in rest], revealed)
+                else:
+                    for q in rest:
+                        others |= q.region
+                    rgb, alpha, current = self.peel(current, p, generator, num_inference_steps, others=others,
+                                                    below=[q.mask for q in rest])
+                revealed |= alpha > 0
                 if alpha.max() <= 0:
                     i += 1
                     bar.update(1)
@@ -349,7 +410,8 @@ class DecompositionPipeline(DiffusionPipeline):
                 x, y, bw, bh = p.box
                 layer = Layer(u8, name=f"instance {len(peeled) + 1}",
                               metadata={"kind": "instance", "source": p.source, "box": [x, y, bw, bh],
-                                        "decomposer": "learned" if self.learned else "classical"})
+                                        "decomposer": "learned" if self.learned or "matte" in p.metadata
+                                        else "classical"})
                 peeled.append(layer)
                 used.append(p)
                 if callback_on_step_end is not None:

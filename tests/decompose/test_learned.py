@@ -66,7 +66,7 @@ def test_learned_pipeline_saves_loads_and_recomposites(tmp_path):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="training/train_decomposer.py"):
+    with pytest.raises(ModelNotFoundError, match="training/train_layer_matte.py"):
         load_decomposition_pipeline(tmp_path / "nothing")
 
 
