@@ -1,7 +1,11 @@
-"""Install a trained learned decomposer into the bundled mini family (assets/layergen-mini/decomposer).
+"""Install a trained learned decomposer into the bundled mini family (assets/layergen-mini).
 
-    python scripts/install_mini_decomposer.py runs/decomposer/checkpoint-1800
+    python scripts/install_mini_decomposer.py runs/layer_matte/layer_matte     # -> assets/layergen-mini/layer_matte
+    python scripts/install_mini_decomposer.py runs/decomposer/checkpoint-1800  # -> assets/layergen-mini/decomposer
     python scripts/install_mini_decomposer.py runs/decomposer/pipeline --dest runs/dec_export/try
+
+A `LayerMatteNet` folder (what training/train_layer_matte.py saves, or its output_dir) is written in fp16 to
+assets/layergen-mini/layer_matte (or --dest). For the latent-diffusion decomposer:
 
 SOURCE is either an accelerate checkpoint of training/train_decomposer.py (its EMA weights are used when
 it has them, else the raw model) or a pipeline folder that script wrote (`<output_dir>/pipeline`).
@@ -41,7 +45,8 @@ def _sha(path: Path) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("source", help="accelerate checkpoint folder or pipeline folder")
-    p.add_argument("--dest", default=str(MINI / "decomposer"), help="decomposer folder to write")
+    p.add_argument("--dest", default=None,
+                   help="folder to write (default: assets/layergen-mini/layer_matte or .../decomposer)")
     p.add_argument("--config", default=None,
                    help="folder with the decomposer's config.json (checkpoints do not hold it); default: "
                         "<source>/decomposer, then <source>/../pipeline/decomposer, then runs/dec_export/pipeline/decomposer")
@@ -70,9 +75,32 @@ def load_weights(source: Path, model: LayerDecomposer, use_ema: bool) -> str:
     return "raw weights"
 
 
+def install_matte(source: Path, dest: Path) -> None:
+    """A `LayerMatteNet` folder (training/train_layer_matte.py writes `<output_dir>/layer_matte`) -> fp16 copy."""
+    from layergen.decompose.matte_net import LayerMatteNet
+
+    model = LayerMatteNet.from_pretrained(source).eval()
+    with atomic_dir(dest) as tmp:
+        model.to(torch.float16).save_pretrained(tmp)
+        (Path(tmp) / "source.json").write_text(json.dumps({"source": str(source)}, indent=2) + "\n")
+    size = (dest / "diffusion_pytorch_model.safetensors").stat().st_size / 2 ** 20
+    print(f"installed {source} -> {dest} ({size:.1f} MB fp16)")
+
+
+def _is_matte(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name") == "LayerMatteNet"
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv=None):
     args = parse_args(argv)
-    source, dest = Path(args.source), Path(args.dest)
+    source = Path(args.source)
+    for folder in (source, source / "layer_matte"):
+        if _is_matte(folder):
+            return install_matte(folder, Path(args.dest or MINI / "layer_matte"))
+    dest = Path(args.dest or MINI / "decomposer")
     vae_weights = Path(args.vae) / "diffusion_pytorch_model.safetensors"
     mini_weights = MINI / "vae" / "diffusion_pytorch_model.safetensors"
     if _sha(vae_weights) != _sha(mini_weights):

@@ -54,10 +54,11 @@ def register(subparsers) -> None:
     p.add_argument("--recursive", action="store_true",
                    help="peel the top layer and search again on what is revealed, up to --layers times")
     p.add_argument("--model", metavar="DIR",
-                   help="a learned decomposer folder (decomposer/ + vae/); default: the classical pipeline, "
-                        "or the bundled mini family (assets/layergen-mini) when --learned is given")
+                   help="a learned decomposer folder (layer_matte/, or decomposer/ + vae/); default: the classical "
+                        "pipeline, or the bundled mini family (assets/layergen-mini) when --learned is given")
     p.add_argument("--learned", action="store_true", help="use the bundled learned mini decomposer")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps of the learned decomposer (default 20)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="denoising steps of a latent-diffusion decomposer (default 20; the layer matte takes one pass)")
     p.add_argument("--completion", choices=["structure", "biharmonic", "opencv", "pyramid"], default="structure",
                    help="background completion of the classical pipeline (default: structure)")
     p.add_argument("--matting", choices=["closed_form", "hard"], default="closed_form",

@@ -565,7 +565,11 @@ def _load_decomposer(model: str | None):
     from ..pipelines.pipeline_decomposition import DecompositionPipeline
 
     if model:
-        return DecompositionPipeline.from_pretrained(path), str(model)
+        if (path / "model_index.json").is_file():
+            return DecompositionPipeline.from_pretrained(path), str(model)
+        from ..decompose.learned import load_decomposition_pipeline  # layer_matte/ or decomposer/ + vae/
+
+        return load_decomposition_pipeline(path), str(model)
     if path.is_dir():
         return DecompositionPipeline.from_pretrained(path), "mini"
     return DecompositionPipeline(), "classical"

@@ -119,3 +119,32 @@ def test_untrained_matte_pipeline_still_recomposites(tmp_path):
     out = pipe(sc.composite, boxes=boxes)
     assert out.psnr > 40  # exact whatever the (here random) matte says
     assert all(layer.metadata["decomposer"] == "learned" for layer in out.stack.layers[1:])
+
+
+def test_install_script_writes_the_matte_in_fp16_where_the_loader_finds_it(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("install_mini_decomposer",
+                                                  root / "scripts" / "install_mini_decomposer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = tiny_matte()
+    model.save_pretrained(tmp_path / "run" / "layer_matte")
+    mod.main([str(tmp_path / "run"), "--dest", str(tmp_path / "mini" / "layer_matte")])
+    state = load_file(tmp_path / "mini" / "layer_matte" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float16 for v in state.values())
+    pipe = load_decomposition_pipeline(tmp_path / "mini")
+    assert pipe.matte.dtype == torch.float32
+    assert torch.equal(pipe.matte.unet.conv_in.weight, model.unet.conv_in.weight.detach().half().float())
+
+
+def test_studio_loads_a_layer_matte_folder(tmp_path):
+    from layergen.studio.backends import _load_decomposer
+
+    tiny_matte().save_pretrained(tmp_path / "layer_matte")
+    pipe, name = _load_decomposer(str(tmp_path))
+    assert pipe.matte is not None and name == str(tmp_path)

@@ -203,7 +203,7 @@ def test_default_backends_fall_back_or_fail_loudly(tmp_path, monkeypatch):
         default_backends(model=str(tmp_path / "missing"))
     monkeypatch.setattr(mod, "_load_generator", missing)
     with pytest.raises(LayergenError, match="cannot load the decomposition model"):
-        default_backends(decompose_model=str(tmp_path))  # a folder without model_index.json
+        default_backends(decompose_model=str(tmp_path))  # a folder with no pipeline and no learned decomposer
 
 
 def test_pipeline_backend_layouts_and_repaint_go_through_the_multilayer_pipeline():
