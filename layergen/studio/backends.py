@@ -23,6 +23,7 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -561,15 +562,15 @@ def _load_generator(model: str | None):
 def _load_decomposer(model: str | None):
     from .. import mini
 
-    path = mini.check_model_dir(model) if model else mini.ASSETS / MINI_DECOMPOSER
     from ..pipelines.pipeline_decomposition import DecompositionPipeline
 
     if model:
-        if (path / "model_index.json").is_file():
-            return DecompositionPipeline.from_pretrained(path), str(model)
-        from ..decompose.learned import load_decomposition_pipeline  # layer_matte/ or decomposer/ + vae/
+        if not (Path(model) / "model_index.json").is_file():
+            from ..decompose.learned import load_decomposition_pipeline  # layer_matte/ or decomposer/ + vae/
 
-        return load_decomposition_pipeline(path), str(model)
+            return load_decomposition_pipeline(model), str(model)
+        return DecompositionPipeline.from_pretrained(mini.check_model_dir(model)), str(model)
+    path = mini.ASSETS / MINI_DECOMPOSER
     if path.is_dir():
         return DecompositionPipeline.from_pretrained(path), "mini"
     return DecompositionPipeline(), "classical"
