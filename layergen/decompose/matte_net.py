@@ -70,11 +70,13 @@ def box_mask(boxes, height: int, width: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_layer(model: LayerMatteNet, image: np.ndarray, instance: np.ndarray, others: np.ndarray) -> dict:
+def predict_layer(model: LayerMatteNet, image: np.ndarray, instance: np.ndarray, others: np.ndarray,
+                  tta: bool = True) -> dict:
     """Float32 H x W (x 3) maps at the image's size for one instance.
 
     `image` H x W x 3 in [0, 1]; `instance` / `others` H x W masks (boxes or any region).
-    Other sizes are resized to the model's square input and back.
+    Other sizes are resized to the model's square input and back. `tta` averages the prediction
+    with that of the mirrored input (one more pass; the training data is mirror-symmetric).
     """
     import cv2
 
@@ -89,9 +91,12 @@ def predict_layer(model: LayerMatteNet, image: np.ndarray, instance: np.ndarray,
         return (x.permute(2, 0, 1) if x.ndim == 3 else x[None])[None]
 
     down = cv2.INTER_AREA if max(h, w) > s else cv2.INTER_LINEAR
-    out = model(to_model(image, down).to(model.device, model.dtype),
-                to_model(instance, cv2.INTER_NEAREST).to(model.device, model.dtype),
-                to_model(others, cv2.INTER_NEAREST).to(model.device, model.dtype))
+    inputs = [to_model(image, down), to_model(instance, cv2.INTER_NEAREST), to_model(others, cv2.INTER_NEAREST)]
+    if tta:
+        inputs = [torch.cat([x, x.flip(-1)]) for x in inputs]
+    out = model(*(x.to(model.device, model.dtype) for x in inputs))
+    if tta:
+        out = {k: (v[:1] + v[1:].flip(-1)) / 2 for k, v in out.items()}
     result = {}
     for k, v in out.items():
         v = v[0].float().permute(1, 2, 0).cpu().numpy()
