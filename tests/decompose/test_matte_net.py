@@ -103,10 +103,11 @@ def test_pipeline_with_a_perfect_matte_orders_completes_and_stays_exact(tmp_path
     r = evaluate(out.stack, sc)
     assert out.psnr > 40
     assert r["order_ok"] == r["order_n"] == 1
-    assert r["alpha_iou"] > 0.95 and r["alpha_iou"] > classical["alpha_iou"]
+    assert r["alpha_iou"] > 0.9 and r["alpha_iou"] > classical["alpha_iou"] + 0.1
     lower = out.stack[1].pixels[..., 3] / 255.0
     truth = sc.objects[0].rgba[..., 3] / 255.0
-    assert np.abs(lower - truth).mean() < 0.01  # including the part the upper object hides
+    hidden = sc.objects[1].rgba[..., 3] == 255
+    assert np.abs(lower - truth)[hidden].mean() < 0.02  # the part the upper object hides comes back
     assert out.stack[1].metadata["decomposer"] == "learned"
 
 
@@ -148,3 +149,16 @@ def test_studio_loads_a_layer_matte_folder(tmp_path):
     tiny_matte().save_pretrained(tmp_path / "layer_matte")
     pipe, name = _load_decomposer(str(tmp_path))
     assert pipe.matte is not None and name == str(tmp_path)
+
+
+def test_visibility_order_reads_the_colour_when_visibility_is_undecided():
+    a = np.zeros((16, 16))
+    a[2:10, 2:10] = 1
+    b = np.zeros((16, 16))
+    b[6:14, 6:14] = 1
+    image = np.zeros((16, 16, 3), np.float32)
+    image[6:10, 6:10] = (0, 0, 1)  # the overlap shows b's blue
+    preds = [_pred(a, a, (1, 0, 0)), _pred(b, b, (0, 0, 1))]  # both claim to be visible there
+    assert not visibility_order(preds).any()
+    above = visibility_order(preds, image)
+    assert above[1, 0] and not above[0, 1]
