@@ -2,7 +2,7 @@
 
 What it compares (side by side, one run, same inputs):
   * learned   — DecompositionPipeline with the learned mini decomposer (`--model`, default the bundled
-                assets/layergen-mini; skipped with a note when its weights are missing)
+                assets/layergen-mini: its layer matte, `layer_matte/`; skipped with a note when missing)
   * classical — DecompositionPipeline defaults: box/residual proposals, closed-form matting,
                 StructureFill completion (1-D profiles, biharmonic fallback), unblending
   * naive     — the same proposals, hard mask cut + OpenCV Telea fill, no unblending
