@@ -185,3 +185,13 @@ def test_bundled_matte_beats_the_classical_pipeline_on_held_out_scenes():
     assert got["learned"]["shadow_in_layer"] > 0.7
     assert got["learned"]["bg_psnr_occluded"] > 28
     assert min(r["recomposite_psnr"] for r in rows["learned"]) > 45
+
+
+def test_pipeline_save_pretrained_round_trips_the_matte(tmp_path):
+    from layergen.pipelines.pipeline_decomposition import DecompositionPipeline
+
+    model = tiny_matte()
+    DecompositionPipeline(matte=model).save_pretrained(tmp_path / "pipe")
+    back = DecompositionPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(back.matte, LayerMatteNet)
+    assert torch.equal(back.matte.unet.conv_in.weight, model.unet.conv_in.weight)
