@@ -98,19 +98,12 @@ def test_mini_layout_shares_the_vae_and_keeps_its_own_scheduler(tmp_path):
         load_decomposition_pipeline(root)
 
 
-def test_install_script_writes_fp16_weights_and_refuses_a_foreign_vae(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
+def test_install_script_writes_fp16_weights_and_refuses_a_foreign_vae(tmp_path, install_script):
     from safetensors.torch import load_file
 
     from layergen.errors import LayergenError
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("install_mini_decomposer",
-                                                  root / "scripts" / "install_mini_decomposer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = install_script
     model, vae, sched = tiny_components()
     save_decomposition_pipeline(tmp_path / "pipeline", model, vae, sched)
     with pytest.raises(LayergenError, match="not the bundled mini VAE"):

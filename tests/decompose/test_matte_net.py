@@ -122,20 +122,12 @@ def test_untrained_matte_pipeline_still_recomposites(tmp_path):
     assert all(layer.metadata["decomposer"] == "learned" for layer in out.stack.layers[1:])
 
 
-def test_install_script_writes_the_matte_in_fp16_where_the_loader_finds_it(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
+def test_install_script_writes_the_matte_in_fp16_where_the_loader_finds_it(tmp_path, install_script):
     from safetensors.torch import load_file
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("install_mini_decomposer",
-                                                  root / "scripts" / "install_mini_decomposer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     model = tiny_matte()
     model.save_pretrained(tmp_path / "run" / "layer_matte")
-    mod.main([str(tmp_path / "run"), "--dest", str(tmp_path / "mini" / "layer_matte")])
+    install_script.main([str(tmp_path / "run"), "--dest", str(tmp_path / "mini" / "layer_matte")])
     state = load_file(tmp_path / "mini" / "layer_matte" / "diffusion_pytorch_model.safetensors")
     assert all(v.dtype == torch.float16 for v in state.values())
     pipe = load_decomposition_pipeline(tmp_path / "mini")
