@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from layergen.atomic import atomic_dir  # noqa: E402
 from layergen.decompose.learned import LayerDecomposer  # noqa: E402
+from layergen.decompose.matte_net import find_layer_matte  # noqa: E402
 from layergen.errors import LayergenError  # noqa: E402
 
 MINI = ROOT / "assets" / "layergen-mini"
@@ -87,19 +88,12 @@ def install_matte(source: Path, dest: Path) -> None:
     print(f"installed {source} -> {dest} ({size:.1f} MB fp16)")
 
 
-def _is_matte(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name") == "LayerMatteNet"
-    except (OSError, ValueError):
-        return False
-
-
 def main(argv=None):
     args = parse_args(argv)
     source = Path(args.source)
-    for folder in (source, source / "layer_matte"):
-        if _is_matte(folder):
-            return install_matte(folder, Path(args.dest or MINI / "layer_matte"))
+    matte = find_layer_matte(source)
+    if matte is not None:
+        return install_matte(matte, Path(args.dest or MINI / "layer_matte"))
     dest = Path(args.dest or MINI / "decomposer")
     vae_weights = Path(args.vae) / "diffusion_pytorch_model.safetensors"
     mini_weights = MINI / "vae" / "diffusion_pytorch_model.safetensors"

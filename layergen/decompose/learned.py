@@ -206,14 +206,11 @@ def load_decomposition_pipeline(path=None, background_mode: str = "residual", **
     from diffusers import AutoencoderKL, DDIMScheduler
 
     from ..pipelines.pipeline_decomposition import DecompositionPipeline
-    from .matte_net import LayerMatteNet
+    from .matte_net import LayerMatteNet, find_layer_matte
 
     path = Path(path) if path else DEFAULT_DECOMPOSER
-    matte = None
-    for folder in (path / "layer_matte", path):
-        if _class_name(folder) == "LayerMatteNet":
-            matte = LayerMatteNet.from_pretrained(folder, torch_dtype=torch.float32).eval()
-            break
+    matte_dir = find_layer_matte(path)
+    matte = LayerMatteNet.from_pretrained(matte_dir, torch_dtype=torch.float32).eval() if matte_dir else None
     if not (path / "decomposer" / "config.json").is_file():
         if matte is None:
             raise ModelNotFoundError(
@@ -240,15 +237,6 @@ def load_decomposition_pipeline(path=None, background_mode: str = "residual", **
                                  **kwargs)
     pipe.background_mode = background_mode
     return pipe
-
-
-def _class_name(folder: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError):
-        return None
 
 
 def save_decomposition_pipeline(dest, decomposer, vae, scheduler, codec=None) -> Path:

@@ -20,6 +20,9 @@ the stack re-composites to the input exactly.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,9 +31,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import LayergenError
-
-OUTPUTS = ("amodal", "visible", "colour")
-
 
 class LayerMatteNet(ModelMixin, ConfigMixin):
     """(composite, instance box mask, other boxes mask) -> amodal alpha, visible alpha, straight colour."""
@@ -59,6 +59,17 @@ class LayerMatteNet(ModelMixin, ConfigMixin):
         y = F.pixel_shuffle(self.unet(F.pixel_unshuffle(x, p), t).sample, p)
         amodal = torch.sigmoid(y[:, 0:1])
         return {"amodal": amodal, "visible": amodal * torch.sigmoid(y[:, 1:2]), "colour": torch.sigmoid(y[:, 2:5])}
+
+
+def find_layer_matte(path) -> Path | None:
+    """The saved `LayerMatteNet` folder in `path`: `path/layer_matte` (a mini family folder) or `path` itself."""
+    for folder in (Path(path) / "layer_matte", Path(path)):
+        try:
+            if json.loads((folder / "config.json").read_text()).get("_class_name") == "LayerMatteNet":
+                return folder
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def box_mask(boxes, height: int, width: int) -> np.ndarray:
