@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--num_exemplars", type=int, default=4)
     p.add_argument("--num_images", type=int, default=16)
     p.add_argument("--mask_quantile", type=float, default=0.5)
+    p.add_argument("--identifier_steps", type=float, default=1.0,
+                   help="fraction of denoising steps in which every method's identifier acts (ActionPipeline)")
     p.add_argument("--extra", default="", help="Extra training flags for every identifier method (quoted).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "actions.json"))
@@ -161,7 +163,7 @@ def main(argv=None):
                 pipe.load_action_identifier(ident)
                 prompts = [f"{c} {ident.token}" for c in captions]
             learn_s = time.time() - t0
-            images = pipe(prompts, seed=args.seed, output_type="np").images
+            images = pipe(prompts, seed=args.seed, output_type="np", identifier_steps=args.identifier_steps).images
             res = score(images, subjects, ex_subjects, action, pose_clf, subject_clf)
             res["seconds"] = round(time.time() - t0, 1)
             res["learn_seconds"] = round(learn_s, 1)

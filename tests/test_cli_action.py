@@ -39,6 +39,12 @@ def test_exemplars_learn_generate(model, tmp_path, capsys, monkeypatch):
     imgs = [np.asarray(Image.open(tmp_path / f"out-{k}.png")) for k in range(2)]
     assert imgs[0].shape == (32, 32, 3) and not np.array_equal(imgs[0], imgs[1])
     assert not (tmp_path / "out.png").exists()
+    # --identifier_steps 0: the identifier never acts, so the image is the plain prompt's
+    common = ["--model", str(model), "--steps", "2"]
+    assert main(["action", "generate", "a red star <jump>", *common, "--identifier_steps", "0", "-o", "no.png"]) == 0
+    assert main(["action", "generate", "a red star", *common, "-o", "plain.png"]) == 0
+    assert np.array_equal(np.asarray(Image.open("no.png")), np.asarray(Image.open("plain.png")))
+    assert not np.array_equal(np.asarray(Image.open("no.png")), imgs[0])
 
 
 def test_clear_errors(model, tmp_path, capsys, monkeypatch):

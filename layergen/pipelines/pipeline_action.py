@@ -20,9 +20,9 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from ..errors import LayergenError
-from ..models.action_identifier import (ActionIdentifier, identifier_masks, input_embedding_override,
-                                        install_identifier_processors, substitute_identifiers,
-                                        uninstall_identifier_processors)
+from ..models.action_identifier import (TOKEN_PATTERN, ActionIdentifier, identifier_masks,
+                                        input_embedding_override, install_identifier_processors,
+                                        substitute_identifiers, uninstall_identifier_processors)
 from .layer_diffusion import LayerDiffusionPipelineBase, make_generator_list
 
 LINK_FILE = "linked.json"
@@ -176,15 +176,44 @@ class ActionPipeline(LayerDiffusionPipelineBase):
                 out[token] = pos
         return out
 
+    def _without_identifiers(self, prompt) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        drop = lambda m: "" if m.group(0) in self._action_identifiers else m.group(0)  # noqa: E731
+        return [" ".join(TOKEN_PATTERN.sub(drop, p).split()) for p in prompts]
+
+    def _identifier_switch(self, plain, negative_prompt, num_images_per_prompt, end, bindings, user_callback):
+        """A step callback that, after step `end` - 1, unbinds the output-space identifiers and swaps the
+        prompt embeddings for those of `plain` (the prompt without identifier tokens; this also ends
+        input-space identifiers, which live in the embeddings)."""
+        plain_embeds = self.encode_prompt(plain, num_images_per_prompt, negative_prompt)[0]
+
+        def callback(pipe, i, t, kwargs):
+            out = dict(user_callback(pipe, i, t, kwargs) or {}) if user_callback is not None else {}
+            if i + 1 == end:
+                bindings.close()
+                out["prompt_embeds"] = plain_embeds
+            return out
+
+        return callback
+
     # -- call ------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt, height: int | None = None, width: int | None = None, num_inference_steps: int = 20,
                  guidance_scale: float = 5.0, negative_prompt=None, num_images_per_prompt: int = 1,
                  generator=None, seed: int | None = None, latents=None, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end_tensor_inputs=("latents",), identifier_steps: float = 1.0):
         """`seed` is a convenience for `generator` (image k of a batch uses seed + k).
-        `output_type`: "pil" (RGB images), "np" (uint8 N x H x W x 3) or "latent"."""
+        `output_type`: "pil" (RGB images), "np" (uint8 N x H x W x 3) or "latent".
+
+        `identifier_steps`: the fraction of denoising steps, from the noisiest, during which the
+        identifiers act; the remaining steps read the prompt with the identifier tokens removed.
+        The pose is settled in the noisy steps, the subject's small cues (ears, beak) in the
+        late ones, so ending the identifier early keeps the action and gives the subject back
+        to the base model (prompt switching, as in Prompt-to-Prompt's step schedules).
+        """
+        if not 0.0 <= float(identifier_steps) <= 1.0:
+            raise LayergenError(f"identifier_steps must be in [0, 1], got {identifier_steps}")
         height = height or self.default_size()
         width = width or self.default_size()
         self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
@@ -195,13 +224,22 @@ class ActionPipeline(LayerDiffusionPipelineBase):
         generator = make_generator_list(generator, seed, n)
         self._guidance_scale = float(guidance_scale)  # masks depend on whether CFG runs
         masks = self.identifier_batch_masks(prompt, negative_prompt, num_images_per_prompt)
-        with contextlib.ExitStack() as stack:
+        callback = callback_on_step_end
+        with contextlib.ExitStack() as bindings:
             if masks:
                 router = install_identifier_processors(self.unet)
                 for token, mask in masks.items():
-                    stack.enter_context(router.bind(self._action_identifiers[token], mask.to(self._execution_device)))
+                    bindings.enter_context(router.bind(self._action_identifiers[token],
+                                                       mask.to(self._execution_device)))
+            end = round(float(identifier_steps) * num_inference_steps)
+            if end == 0:
+                bindings.close()
+                prompt = self._without_identifiers(prompt)
+            elif end < num_inference_steps:
+                callback = self._identifier_switch(self._without_identifiers(prompt), negative_prompt,
+                                                   num_images_per_prompt, end, bindings, callback_on_step_end)
             latents, _ = self.denoise(prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
-                                      num_images_per_prompt, generator, latents, None, callback_on_step_end,
+                                      num_images_per_prompt, generator, latents, None, callback,
                                       callback_on_step_end_tensor_inputs)
         if output_type == "latent":
             self.maybe_free_model_hooks()

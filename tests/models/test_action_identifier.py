@@ -299,3 +299,42 @@ def test_input_space_identifier_is_textual_inversion(tmp_path):
     pipe2.load_textual_inversion(str(path), token="<jump>")
     ref = pipe2("a red <jump>", num_inference_steps=2, seed=0, output_type="np").images
     assert np.array_equal(ref, out)
+
+
+@pytest.mark.parametrize("kind", ["layerwise", "input"])
+def test_identifier_steps_ends_the_identifier_after_the_noisy_steps(kind):
+    pipe = tiny_pipe()
+    extra = {"embedding_dim": 32} if kind == "input" else {}
+    ident = ActionIdentifier.for_unet(pipe.unet, "<jump>", kind=kind, initializer="star", **extra)
+    with torch.no_grad():
+        ident.embeddings.normal_(0, 3)
+    pipe.load_action_identifier(ident)
+    latents_at = {}
+
+    def record(name):
+        def callback(p, i, t, kwargs):
+            latents_at[(name, i)] = kwargs["latents"].clone()
+        return callback
+
+    kw = dict(num_inference_steps=4, seed=0, output_type="np")
+    full = pipe("a red <jump>", callback_on_step_end=record("full"), **kw).images
+    half = pipe("a red <jump>", identifier_steps=0.5, callback_on_step_end=record("half"), **kw).images
+    plain = pipe("a red", callback_on_step_end=record("plain"), **kw).images
+    none = pipe("a red <jump>", identifier_steps=0.0, **kw).images
+    # 0: the prompt without the token, pixel for pixel; 1 is the default
+    assert np.array_equal(none, plain)
+    assert np.array_equal(pipe("a red <jump>", identifier_steps=1.0, **kw).images, full)
+    # 0.5: the first two steps are the identifier's, then the plain prompt takes over
+    for i in (0, 1):
+        assert torch.equal(latents_at[("half", i)], latents_at[("full", i)])
+    assert not torch.equal(latents_at[("half", 2)], latents_at[("full", 2)])
+    last = {name: latents_at[(name, 3)] for name in ("full", "half", "plain")}
+    scale = (last["full"] - last["plain"]).abs().mean()
+    assert scale > 0.05
+    # the noisy steps decide most: half ends near full, yet measurably off it
+    assert 1e-3 * scale < (last["half"] - last["full"]).abs().mean() < (last["half"] - last["plain"]).abs().mean()
+    assert not np.array_equal(half, full)
+    # the routing was undone mid-call, and is back for the next call
+    assert np.array_equal(pipe("a red <jump>", **kw).images, full)
+    with pytest.raises(LayergenError, match="identifier_steps"):
+        pipe("a red <jump>", identifier_steps=1.5, **kw)
