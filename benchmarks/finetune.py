@@ -3,10 +3,11 @@
 
 What: the procedural generator draws `--num_images` (64) RGBA layers of a shape that is never
 sampled in the mini's training data (`EXTRA_SHAPES`: hexagon by default; `--shape arrow` or both),
-in all 12 colours with random material/effect and captions from the training grammar
-("a teal glass hexagon with a soft glow"); seeds 0..N-1. `training/train_layer_lora.py` then
-LoRA-fine-tunes the bundled layergen-mini on them on this CPU (latents cached; rank 32 on attention
-and resnet convolutions, 3000 steps, Min-SNR weighting, EMA of the LoRA weights). `--replay` (64) procedural
+in all 12 colours, solid (the eval prompts' material; `--material mix` for the grammar's 30 % glass), random
+effect, captions from the training grammar ("a teal hexagon with a soft glow"); seeds 0..N-1.
+`training/train_layer_lora.py` then LoRA-fine-tunes the bundled layergen-mini on them on this CPU (latents
+cached; rank 32 on attention and resnet convolutions, 3000 steps, lr 1e-3 annealed by a cosine schedule,
+Min-SNR weighting, EMA of the LoRA weights). `--replay` (64) procedural
 layers of the 8 original shapes (training seed range) join the folder: DreamBooth-style prior
 preservation, so the model keeps what it knew.
 
@@ -63,8 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--num_images", type=int, default=64, help="training layers per new shape")
     p.add_argument("--replay", type=int, default=64,
                    help="procedural layers of the 8 original shapes added to the data (prior preservation)")
-    p.add_argument("--material", choices=["solid", "glass"], default=None,
-                   help="material of the new-shape layers (default: the training grammar's mix)")
+    p.add_argument("--material", choices=["solid", "glass", "mix"], default="solid",
+                   help="material of the new-shape layers (default solid, as in the eval prompts; mix: the "
+                        "training grammar's)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--lora_alpha", type=float, default=None)
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--lr_scheduler", default="cosine", choices=["constant_with_warmup", "cosine"],
+                   help="learning-rate schedule after 50 warm-up steps (cosine: anneal to 0 by the last step)")
     p.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: off)")
     p.add_argument("--ema_decay", type=float, default=0.99, help="EMA of the LoRA weights (0: off)")
     p.add_argument("--train_seed", type=int, default=0)
@@ -227,7 +231,7 @@ def train(args, data: Path, lora_dir: Path) -> float:
     cmd = [sys.executable, str(ROOT / "training" / "train_layer_lora.py"), "--train_data_dir", str(data),
            "--output_dir", str(lora_dir), "--resolution", str(args.size), "--rank", str(args.rank),
            "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
-           "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant_with_warmup",
+           "--learning_rate", str(args.learning_rate), "--lr_scheduler", args.lr_scheduler,
            "--lr_warmup_steps", "50",
            "--checkpointing_steps", str(max(100, args.steps // 3)), "--checkpoints_total_limit", "1",
            "--seed", str(args.train_seed), "--cache_latents", "yes", "--validation_prompt",
@@ -276,7 +280,8 @@ def main(argv=None) -> dict:
     unet_before = unet_fingerprint(args.model)
     work = Path(args.work_dir)
     data, lora_dir = work / "data", work / "lora"
-    train_rows = write_training_data(data, args.shape, args.num_images, args.size, args.replay, args.material)
+    train_rows = write_training_data(data, args.shape, args.num_images, args.size, args.replay,
+                                     None if args.material == "mix" else args.material)
     specs = eval_specs(args.shape, args.eval_seeds, args.orig_colours)
 
     train_seconds = train_cpu = None
@@ -313,10 +318,10 @@ def main(argv=None) -> dict:
                 "original-shape accuracy before vs after, scored by layergen.analysis",
         "settings": {"model": model, "unet_sha256": unet_before, "new_shapes": args.shape,
                      "strict_margin": STRICT_MARGIN, "num_images": args.num_images, "replay": args.replay,
-                     "material": args.material or "grammar mix (30 % glass)",
+                     "material": "grammar mix (30 % glass)" if args.material == "mix" else args.material,
                      "size": args.size, "rank": args.rank, "lora_alpha": args.lora_alpha or args.rank,
                      "lora_conv": args.lora_conv, "steps": args.steps, "batch_size": args.batch_size,
-                     "learning_rate": args.learning_rate, "lr_scheduler": "constant (50 warmup)",
+                     "learning_rate": args.learning_rate, "lr_scheduler": f"{args.lr_scheduler} (50 warmup)",
                      "snr_gamma": args.snr_gamma or None, "ema_decay": args.ema_decay or None,
                      "train_seed": args.train_seed, "training_seeds": f"0..{args.num_images - 1} per new shape",
                      "eval_seed_start": EVAL_SEED_START, "eval_seeds": "eval_seed_start + k for prompt k",
