@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--num_exemplars", type=int, default=4)
     p.add_argument("--num_images", type=int, default=16)
     p.add_argument("--mask_quantile", type=float, default=0.5)
+    p.add_argument("--exemplar_species", choices=["distinct", "same"], default="distinct",
+                   help="distinct: the 4 exemplars are 4 species; same: all one species (per action), the setting "
+                        "where an identifier is tempted to learn the subject too")
     p.add_argument("--identifier_steps", type=float, default=1.0,
                    help="fraction of denoising steps in which every method's identifier acts (ActionPipeline)")
     p.add_argument("--extra", default="", help="Extra training flags for every identifier method (quoted).")
@@ -136,8 +139,9 @@ def main(argv=None):
     results = {m: {} for m in args.methods}
     grids = {}
     for a_idx, action in enumerate(args.actions):
+        one = SPECIES[a_idx % len(SPECIES)] if args.exemplar_species == "same" else None
         ex = exemplar_set(action, args.num_exemplars, seed=HELDOUT_SEED_START + 1000 * a_idx,
-                          size=pipe.default_size())
+                          size=pipe.default_size(), species=one)
         exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", **s.metadata()}
                      for k, s in enumerate(ex)]
         ex_subjects = {(e["species"], e["colour"]) for e in exemplars}

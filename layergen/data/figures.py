@@ -385,11 +385,18 @@ def training_caption(sample: FigureSample, rng: np.random.Generator, action_word
 
 
 def exemplar_set(action: str, num: int = 4, seed: int = HELDOUT_SEED_START, size: int = 128,
-                 distinct_species: bool = True) -> list[FigureSample]:
-    """`num` figures doing `action`, with different subjects and backgrounds (ADI exemplars)."""
+                 distinct_species: bool = True, species: str | None = None) -> list[FigureSample]:
+    """`num` figures doing `action`, with different subjects and backgrounds (ADI exemplars).
+
+    `species` makes every exemplar that species (colours and backgrounds still differ): the
+    setting where an identifier is most tempted to learn the subject along with the action."""
+    if species is not None and species not in SPECIES:
+        raise ValueError(f"unknown species {species!r}; choose from {', '.join(SPECIES)}")
+    if species is not None and num > len(FIGURE_COLOURS):
+        raise ValueError(f"at most {len(FIGURE_COLOURS)} exemplars of one species (one per colour), got {num}")
     rng = np.random.default_rng([int(seed), 97])
     out, used = [], set()
-    species = list(rng.permutation(SPECIES)) if distinct_species else []
+    species = [species] if species is not None else list(rng.permutation(SPECIES)) if distinct_species else []
     colours, bgs = list(FIGURE_COLOURS), list(FIGURE_BACKGROUNDS)
     k = 0
     while len(out) < num:

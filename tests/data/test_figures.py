@@ -72,6 +72,10 @@ def test_exemplars_and_contrast_sets():
     assert len(ex) == 4 and all(e.action == "kick" for e in ex)
     assert len({e.species for e in ex}) == 4 and len({e.subject for e in ex}) == 4
     assert [e.image.tobytes() for e in ex] == [e.image.tobytes() for e in exemplar_set("kick", 4)]
+    cats = exemplar_set("kick", 4, species="cat")
+    assert {e.species for e in cats} == {"cat"} and len({e.colour for e in cats}) == 4
+    with pytest.raises(ValueError, match="unknown species"):
+        exemplar_set("kick", 4, species="dog")
     c = contrast_set(ex[0].species, ex[0].colour, ex[0].background, "kick", num=3)
     assert len(c) == 3 and len({s.action for s in c}) == 3
     assert all(s.subject == ex[0].subject and s.background == ex[0].background and s.action in SEEN_ACTIONS
