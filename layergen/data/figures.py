@@ -396,11 +396,14 @@ def exemplar_set(action: str, num: int = 4, seed: int = HELDOUT_SEED_START, size
         raise ValueError(f"at most {len(FIGURE_COLOURS)} exemplars of one species (one per colour), got {num}")
     rng = np.random.default_rng([int(seed), 97])
     out, used = [], set()
-    species = [species] if species is not None else list(rng.permutation(SPECIES)) if distinct_species else []
+    if species is not None:
+        cycle = [species]
+    else:  # one species per exemplar in turn, or each drawn at random
+        cycle = list(rng.permutation(SPECIES)) if distinct_species else []
     colours, bgs = list(FIGURE_COLOURS), list(FIGURE_BACKGROUNDS)
     k = 0
     while len(out) < num:
-        sp = species[len(out) % len(species)] if species else SPECIES[int(rng.integers(len(SPECIES)))]
+        sp = cycle[len(out) % len(cycle)] if cycle else SPECIES[int(rng.integers(len(SPECIES)))]
         col = colours[int(rng.integers(len(colours)))]
         if (sp, col) in used:
             continue
