@@ -8,6 +8,10 @@ What it compares (one run, same base model, same exemplars, same steps, same see
   ti            plain Textual Inversion: one input token, template "a <token>"
   ti_captioned  Textual Inversion with ADI's captioned template   (extra: isolates the template)
   base          no identifier at all (the model's pose prior on these prompts)
+  text_seen     reference, no identifier: the same subjects with the verb of a *seen* action in the
+                prompt ("a red cat sitting in the snow"; image k names SEEN_ACTIONS[k mod 7]) and
+                scored against that action. It is the base model's own text route to a pose: what
+                asking for any action costs the subject, with words the model was trained on.
 
 Data: the procedural figure domain (`layergen.data.figures`). The mini action model was
 trained on captions that never name the held-out actions (jump, wave, kick, bow). For each
@@ -43,8 +47,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_ACTIONS,  # noqa: E402
-                                   HELDOUT_SEED_START, SPECIES, exemplar_set, subject_caption)
+from layergen.data.figures import (ACTION_VERBS, FIGURE_BACKGROUNDS, FIGURE_COLOURS,  # noqa: E402
+                                   HELDOUT_ACTIONS, HELDOUT_SEED_START, SEEN_ACTIONS, SPECIES, exemplar_set,
+                                   subject_caption)
 
 METHODS = {
     "adi": ["--method", "adi"],
@@ -53,6 +58,7 @@ METHODS = {
     "ti": ["--method", "textual_inversion"],
     "ti_captioned": ["--method", "textual_inversion", "--template", "{caption} {token}"],
     "base": None,
+    "text_seen": None,
 }
 
 
@@ -107,14 +113,21 @@ def unseen_subjects(exemplars, n, seed):
     return out
 
 
+def seen_verb_caption(species: str, colour: str, background: str, action: str) -> str:
+    """'a red cat sitting in the snow': the caption form the base model was trained on."""
+    return f"a {colour} {species} {ACTION_VERBS[action]} {FIGURE_BACKGROUNDS[background]}"
+
+
 def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf) -> dict:
+    """`action`: the expected action, one for all images or a list with one per image."""
     pose = pose_clf.predict(images)["action"]
+    wanted = [action] * len(images) if isinstance(action, str) else list(action)
     subj = subject_clf.predict(images)
     n = len(images)
     species_ok = [subj["species"][k] == subjects[k][0] for k in range(n)]
     colour_ok = [subj["colour"][k] == subjects[k][1] for k in range(n)]
     return {
-        "action_acc": float(np.mean([p == action for p in pose])),
+        "action_acc": float(np.mean([p == a for p, a in zip(pose, wanted)])),
         "subject_acc": float(np.mean([a and b for a, b in zip(species_ok, colour_ok)])),
         "species_acc": float(np.mean(species_ok)),
         "colour_acc": float(np.mean(colour_ok)),
@@ -152,7 +165,11 @@ def main(argv=None):
             t0 = time.time()
             if pipe.action_identifiers:
                 pipe.unload_action_identifier()
-            if METHODS[method] is None:
+            expected = action
+            if method == "text_seen":
+                expected = [SEEN_ACTIONS[k % len(SEEN_ACTIONS)] for k in range(len(subjects))]
+                prompts = [seen_verb_caption(*subj, a) for subj, a in zip(subjects, expected)]
+            elif METHODS[method] is None:
                 prompts = captions
             else:
                 token = f"<{action}-{method}>".replace("_", "-")
@@ -168,7 +185,7 @@ def main(argv=None):
                 prompts = [f"{c} {ident.token}" for c in captions]
             learn_s = time.time() - t0
             images = pipe(prompts, seed=args.seed, output_type="np", identifier_steps=args.identifier_steps).images
-            res = score(images, subjects, ex_subjects, action, pose_clf, subject_clf)
+            res = score(images, subjects, ex_subjects, expected, pose_clf, subject_clf)
             res["seconds"] = round(time.time() - t0, 1)
             res["learn_seconds"] = round(learn_s, 1)
             results[method][action] = res

@@ -68,6 +68,9 @@ def parse_args(argv=None):
                         "coarsest. On CPU, '1' (8x8 latents only) halves the step time: self-attention over the "
                         "16x16 level dominates it.")
     p.add_argument("--layers_per_block", type=int, default=1)
+    p.add_argument("--init_unet", default=None,
+                   help="continue from a trained UNet (a `unet` folder or a pipeline folder holding one); "
+                        "the architecture flags are then ignored")
     p.add_argument("--attention_head_dim", type=int, default=8)
     p.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction"])
     p.add_argument("--min_snr_gamma", type=float, default=5.0, help="0 disables min-SNR weighting.")
@@ -191,7 +194,12 @@ def main(argv=None):
         cache = build_cache(args, vae, tokenizer, text_encoder, accelerator)
 
     f = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet = build_unet(args, text_encoder.config.hidden_size, vae.config.latent_channels, args.resolution // f)
+    if args.init_unet:
+        init = Path(args.init_unet)
+        unet = UNet2DConditionModel.from_pretrained(init / "unet" if (init / "unet").is_dir() else init,
+                                                    local_files_only=True, torch_dtype=torch.float32)
+    else:
+        unet = build_unet(args, text_encoder.config.hidden_size, vae.config.latent_channels, args.resolution // f)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                     beta_end=0.012, prediction_type=args.prediction_type, clip_sample=False)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,

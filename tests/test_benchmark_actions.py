@@ -1,0 +1,45 @@
+"""benchmarks/actions.py: the text_seen reference prompts and per-image scoring."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from layergen.data.figures import HELDOUT_ACTIONS, SEEN_ACTIONS, make_figure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_actions", ROOT / "benchmarks" / "actions.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seen_verb_caption_is_the_training_caption(bench):
+    for k, action in enumerate(SEEN_ACTIONS):
+        fig = make_figure(k, 32, action=action)
+        assert bench.seen_verb_caption(fig.species, fig.colour, fig.background, action) == fig.caption(with_action=True)
+    with pytest.raises(KeyError):  # a held-out action has no verb the model knows
+        bench.seen_verb_caption("cat", "red", "snow", "no-such-action")
+    assert all(a not in SEEN_ACTIONS for a in HELDOUT_ACTIONS)
+
+
+class FakeJudge:
+    def __init__(self, **out):
+        self.out = out
+
+    def predict(self, images):
+        return self.out
+
+
+def test_score_per_image_actions(bench):
+    images = np.zeros((4, 8, 8, 3), np.float32)
+    subjects = [("cat", "red", "snow"), ("bird", "blue", "beach"), ("frog", "green", "room"), ("robot", "red", "night")]
+    pose = FakeJudge(action=["sit", "run", "run", "jump"])
+    subj = FakeJudge(species=["cat", "bird", "cat", "robot"], colour=["red", "blue", "green", "red"])
+    r = bench.score(images, subjects, {("robot", "red")}, ["sit", "run", "stand", "run"], pose, subj)
+    assert r["action_acc"] == 0.5 and r["species_acc"] == 0.75 and r["subject_acc"] == 0.75 and r["leak"] == 0.25
+    assert bench.score(images, subjects, set(), "run", pose, subj)["action_acc"] == 0.5
