@@ -12,9 +12,6 @@ Loss: L1 on both alphas + soft-IoU on the amodal alpha (the benchmark's metric) 
 
     accelerate launch training/train_layer_matte.py --output_dir runs/layer_matte --max_train_steps 4000
 
-A full-resolution edge refiner (`--refine_channels`) can be trained on top of a finished matte:
-`--init_from <layer_matte folder> --freeze_coarse` loads it and trains only the refiner.
-
 `--resume_from_checkpoint latest` resumes (the data stream continues from the step). The final
 model is `<output_dir>/layer_matte`; `scripts/install_mini_decomposer.py --matte <it>` installs it
 into assets/layergen-mini/layer_matte (fp16), where `load_decomposition_pipeline()` finds it.
@@ -50,9 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--patch_size", type=int, default=4)
     p.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128, 192])
     p.add_argument("--layers_per_block", type=int, default=1)
-    p.add_argument("--refine_channels", type=int, default=0, help="width of the full-resolution edge refiner (0: none)")
-    p.add_argument("--init_from", default=None, help="a saved LayerMatteNet to start from (new refiner weights start at zero)")
-    p.add_argument("--freeze_coarse", action="store_true", help="train only the edge refiner")
     p.add_argument("--box_jitter", type=int, default=2, help="max px each box side moves in training")
     p.add_argument("--train_batch_size", type=int, default=12)
     p.add_argument("--max_train_steps", type=int, default=4000)
@@ -139,19 +133,6 @@ def validate(model, args, path=None) -> float:
     return float(np.mean(ious))
 
 
-def load_coarse(model: LayerMatteNet, folder) -> None:
-    """Weights of a saved LayerMatteNet into `model`; only refiner weights may be missing (they start at zero)."""
-    from layergen.decompose.matte_net import find_layer_matte
-
-    found = find_layer_matte(folder)
-    if found is None:
-        raise SystemExit(f"--init_from {folder}: no LayerMatteNet folder (config.json + weights) there")
-    state = LayerMatteNet.from_pretrained(found).state_dict()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("refiner.") for k in missing):
-        raise SystemExit(f"--init_from {folder}: architecture differs (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
 def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -162,17 +143,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     model = LayerMatteNet(sample_size=args.resolution, patch_size=args.patch_size,
-                          block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block,
-                          refine_channels=args.refine_channels)
-    if args.init_from:
-        load_coarse(model, args.init_from)
-    if args.freeze_coarse:
-        if model.refiner is None:
-            raise SystemExit("--freeze_coarse trains only the refiner: pass --refine_channels N")
-        model.unet.requires_grad_(False)
+                          block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block)
     ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=LayerMatteNet,
                    model_config=model.config) if args.use_ema else None
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.learning_rate, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-2)
     warm, total = args.lr_warmup_steps, args.max_train_steps
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warm)) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, total - warm))))))

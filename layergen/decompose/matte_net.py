@@ -13,11 +13,6 @@ its own value. For the instance inside `box` it predicts
   colour   the layer's straight colour (used where the layer is hidden)
 
 `others` (the boxes of the remaining instances) tells it where occluders may be.
-
-The folded UNet places edges only as well as 64 features per 4 x 4 patch allow: on held-out
-scenes 39 % of its alpha error was a +-2 px blur around body edges. `refine_channels > 0` adds
-`EdgeRefiner`, a small dilated conv stack at full resolution that sees the image next to the
-coarse alphas and corrects the two alpha logits (zero-initialised: it starts as the identity).
 The pipeline (`DecompositionPipeline.peel_with_matte`) takes its alpha as the layer's alpha
 (amodal where upper layers were peeled), orders instances by it, and composites the lower
 instances' predictions over the completed background; unblending recovers the colours, so
@@ -37,36 +32,12 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from ..errors import LayergenError
 
-class EdgeRefiner(torch.nn.Module):
-    """Full-resolution residual on the alpha logits: (image, boxes, coarse alphas, colour) -> delta logits.
-
-    Dilations 1, 2, 4, 8 give a ~35 px receptive field: enough to see an edge's two sides and a
-    textured background's speckle, at ~0.4 GMAC per 128 px image with 24 channels.
-    """
-
-    def __init__(self, channels: int, dilations=(1, 2, 4, 8)):
-        super().__init__()
-        self.inp = torch.nn.Conv2d(10, channels, 3, padding=1)
-        self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(channels, channels, 3, padding=d, dilation=d)
-                                          for d in dilations)
-        self.out = torch.nn.Conv2d(channels, 2, 3, padding=1)
-        torch.nn.init.zeros_(self.out.weight)
-        torch.nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.inp(x))
-        for block in self.blocks:
-            h = h + F.silu(block(h))
-        return self.out(h)
-
-
 class LayerMatteNet(ModelMixin, ConfigMixin):
     """(composite, instance box mask, other boxes mask) -> amodal alpha, visible alpha, straight colour."""
 
     @register_to_config
     def __init__(self, sample_size: int = 128, patch_size: int = 4, block_out_channels=(64, 128, 192),
-                 layers_per_block: int = 1, attention_head_dim: int = 16, norm_num_groups: int = 16,
-                 refine_channels: int = 0):
+                 layers_per_block: int = 1, attention_head_dim: int = 16, norm_num_groups: int = 16):
         super().__init__()
         if sample_size % (patch_size * 2 ** (len(block_out_channels) - 1)):
             raise LayergenError("sample_size must be divisible by patch_size * 2^(levels - 1)")
@@ -77,7 +48,6 @@ class LayerMatteNet(ModelMixin, ConfigMixin):
                                 down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
                                 up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
                                 attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups)
-        self.refiner = EdgeRefiner(refine_channels) if refine_channels else None
 
     def forward(self, composite: torch.Tensor, instance: torch.Tensor, others: torch.Tensor) -> dict:
         """composite B x 3 x S x S, instance / others B x 1 x S x S, all in [0, 1] (S = sample_size)."""
@@ -87,9 +57,6 @@ class LayerMatteNet(ModelMixin, ConfigMixin):
         x = torch.cat([composite, instance, others], 1) * 2 - 1
         t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         y = F.pixel_shuffle(self.unet(F.pixel_unshuffle(x, p), t).sample, p)
-        if self.refiner is not None:
-            coarse = torch.cat([torch.sigmoid(y[:, :2]) * 2 - 1, torch.sigmoid(y[:, 2:5]) * 2 - 1], 1)
-            y = torch.cat([y[:, :2] + self.refiner(torch.cat([x, coarse], 1)), y[:, 2:]], 1)
         amodal = torch.sigmoid(y[:, 0:1])
         return {"amodal": amodal, "visible": amodal * torch.sigmoid(y[:, 1:2]), "colour": torch.sigmoid(y[:, 2:5])}
 
