@@ -1,21 +1,14 @@
 """benchmarks/actions.py: the text_seen reference prompts and per-image scoring."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+
 from layergen.data.figures import HELDOUT_ACTIONS, SEEN_ACTIONS, make_figure
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_actions", ROOT / "benchmarks" / "actions.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("actions")
 
 
 def test_seen_verb_caption_is_the_training_caption(bench):

@@ -1,24 +1,17 @@
 """benchmarks/finetune.py end to end on a tiny random pipeline (2 LoRA steps, 2 denoising steps), plus its data."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+
 
 from layergen.data.scenes import EXTRA_SHAPES, HELDOUT_COMBINATIONS, HELDOUT_SEED_START, SHAPES
 from layergen.pipelines import TransparentLayerPipeline
 from layergen.testing import tiny_layer_components
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "benchmarks" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("finetune")
 
 
 def test_training_data_and_eval_prompts(bench, tmp_path):

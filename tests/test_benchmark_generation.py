@@ -1,23 +1,16 @@
 """benchmarks/generation.py end to end on a tiny random pipeline (--n 2), plus its prompt set."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
 
 from layergen.data.scenes import HELDOUT_COMBINATIONS, HELDOUT_SEED_START
 from layergen.pipelines import TransparentLayerPipeline
 from layergen.testing import tiny_layer_components
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_generation", ROOT / "benchmarks" / "generation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("generation")
 
 
 def test_prompt_set_is_held_out_deterministic_and_covers_unseen_pairs(bench):

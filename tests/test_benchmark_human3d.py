@@ -1,17 +1,6 @@
 """benchmarks/human3d.py: stage-1 numbers of runs that are gone are carried over, fresh runs replace them."""
-import importlib.util
 import json
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_human3d", ROOT / "benchmarks" / "human3d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _run(folder: Path, psnr: float, use_shift: bool):
     folder.mkdir(parents=True)
@@ -22,8 +11,8 @@ def _run(folder: Path, psnr: float, use_shift: bool):
                                                   "seed": 0}))
 
 
-def test_missing_stage1_runs_carry_their_previous_numbers(tmp_path):
-    bench = _bench()
+def test_missing_stage1_runs_carry_their_previous_numbers(tmp_path, load_benchmark):
+    bench = load_benchmark("human3d")
     out = tmp_path / "human3d.json"
     dirs = {k: tmp_path / k for k in ("stage1", "shift", "no_shift")}
     args = bench.parse_args(["--stage1", str(dirs["stage1"]), "--ablation_shift", str(dirs["shift"]),
