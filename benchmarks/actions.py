@@ -207,6 +207,9 @@ def main(argv=None):
     if {"adi", "ti"} <= set(args.methods):
         verdict["adi_minus_ti_action_points"] = 100 * (summary["adi"]["action_acc"] - summary["ti"]["action_acc"])
         verdict["adi_subject_not_lower_than_ti"] = summary["adi"]["subject_acc"] >= summary["ti"]["subject_acc"]
+        if "text_seen" in summary:  # the base model's own cost of asking for an action in words
+            verdict["adi_minus_text_seen_subject_points"] = 100 * (summary["adi"]["subject_acc"]
+                                                                   - summary["text_seen"]["subject_acc"])
         for abl in ("adi_no_mask", "adi_shared"):
             if abl in summary:
                 verdict[f"adi_minus_{abl}_action_points"] = 100 * (summary["adi"]["action_acc"]
