@@ -59,6 +59,25 @@ def test_base_unet_trains_saves_linked_pipeline_and_resumes(parts, tmp_path, cap
     assert not torch.equal(pipe.unet.conv_in.weight, pipe2.unet.conv_in.weight)
 
 
+
+def test_init_unet_continues_from_a_trained_unet(parts, tmp_path):
+    """--init_unet takes architecture and weights from the given UNet (a pipeline folder works), not from the flags."""
+    from diffusers import UNet2DConditionModel
+
+    train = load("train_action_base")
+    common = ["--vae", str(parts / "vae"), "--text_encoder", str(parts / "text"), "--resolution", "32",
+              "--num_samples", "8", "--attention_head_dim", "4", "--train_batch_size", "4",
+              "--checkpointing_steps", "100", "--validation_steps", "100"]
+    train.main(common + ["--output_dir", str(tmp_path / "a"), "--block_out_channels", "8", "16",
+                         "--max_train_steps", "1"])
+    first = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "pipeline" / "unet")
+    train.main(common + ["--output_dir", str(tmp_path / "b"), "--block_out_channels", "16", "32",
+                         "--init_unet", str(tmp_path / "a" / "pipeline"), "--max_train_steps", "0"])
+    second = UNet2DConditionModel.from_pretrained(tmp_path / "b" / "pipeline" / "unet")
+    assert tuple(second.config.block_out_channels) == (8, 16)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
 def test_vae_finetune_and_classifiers(parts, tmp_path):
     load("train_action_vae").main(["--pretrained_vae", str(parts / "vae"), "--output_dir", str(tmp_path / "vae"),
                                    "--resolution", "32", "--crop_size", "16", "--num_samples", "8",
