@@ -114,7 +114,9 @@ def unseen_subjects(exemplars, n, seed):
 
 
 def seen_verb_caption(species: str, colour: str, background: str, action: str) -> str:
-    """'a red cat sitting in the snow': the caption form the base model was trained on."""
+    """'a red cat sitting in the snow': the caption form the base model was trained on (seen actions only)."""
+    if action not in SEEN_ACTIONS:
+        raise ValueError(f"{action!r} is not a seen action: the base model never read a verb for it")
     return f"a {colour} {species} {ACTION_VERBS[action]} {FIGURE_BACKGROUNDS[background]}"
 
 

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-
 from layergen.data.scenes import EXTRA_SHAPES, HELDOUT_COMBINATIONS, HELDOUT_SEED_START, SHAPES
 from layergen.pipelines import TransparentLayerPipeline
 from layergen.testing import tiny_layer_components
+
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):

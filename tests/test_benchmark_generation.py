@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-
 from layergen.data.scenes import HELDOUT_COMBINATIONS, HELDOUT_SEED_START
 from layergen.pipelines import TransparentLayerPipeline
 from layergen.testing import tiny_layer_components
+
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):

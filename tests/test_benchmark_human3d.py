@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+
 def _run(folder: Path, psnr: float, use_shift: bool):
     folder.mkdir(parents=True)
     rows = [{"seed": 7, "layer": "body", "psnr": psnr, "ssim": 0.9}]

@@ -193,12 +193,12 @@ def main(argv=None):
     with accelerator.main_process_first():
         cache = build_cache(args, vae, tokenizer, text_encoder, accelerator)
 
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.init_unet:
         init = Path(args.init_unet)
         unet = UNet2DConditionModel.from_pretrained(init / "unet" if (init / "unet").is_dir() else init,
                                                     local_files_only=True, torch_dtype=torch.float32)
     else:
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
         unet = build_unet(args, text_encoder.config.hidden_size, vae.config.latent_channels, args.resolution // f)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                     beta_end=0.012, prediction_type=args.prediction_type, clip_sample=False)

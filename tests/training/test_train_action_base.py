@@ -59,7 +59,6 @@ def test_base_unet_trains_saves_linked_pipeline_and_resumes(parts, tmp_path, cap
     assert not torch.equal(pipe.unet.conv_in.weight, pipe2.unet.conv_in.weight)
 
 
-
 def test_init_unet_continues_from_a_trained_unet(parts, tmp_path):
     """--init_unet takes architecture and weights from the given UNet (a pipeline folder works), not from the flags."""
     from diffusers import UNet2DConditionModel
@@ -77,6 +76,7 @@ def test_init_unet_continues_from_a_trained_unet(parts, tmp_path):
     assert tuple(second.config.block_out_channels) == (8, 16)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
+
 
 def test_vae_finetune_and_classifiers(parts, tmp_path):
     load("train_action_vae").main(["--pretrained_vae", str(parts / "vae"), "--output_dir", str(tmp_path / "vae"),
