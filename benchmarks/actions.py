@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -128,9 +129,13 @@ def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf) ->
     n = len(images)
     species_ok = [subj["species"][k] == subjects[k][0] for k in range(n)]
     colour_ok = [subj["colour"][k] == subjects[k][1] for k in range(n)]
+    action_ok = [p == a for p, a in zip(pose, wanted)]
+    subject_ok = [a and b for a, b in zip(species_ok, colour_ok)]
     return {
-        "action_acc": float(np.mean([p == a for p, a in zip(pose, wanted)])),
-        "subject_acc": float(np.mean([a and b for a, b in zip(species_ok, colour_ok)])),
+        "action_acc": float(np.mean(action_ok)),
+        "subject_acc": float(np.mean(subject_ok)),
+        # the task itself: the action drawn on the prompt's subject, in the same image
+        "joint_acc": float(np.mean([a and b for a, b in zip(action_ok, subject_ok)])),
         "species_acc": float(np.mean(species_ok)),
         "colour_acc": float(np.mean(colour_ok)),
         "leak": float(np.mean([(subj["species"][k], subj["colour"][k]) in exemplar_subjects for k in range(n)])),
@@ -181,7 +186,7 @@ def main(argv=None):
                          "--num_exemplars", str(args.num_exemplars), "--validation_steps", "0",
                          "--checkpointing_steps", str(10 ** 9), "--seed", str(args.seed),
                          *(["--mask_quantile", str(args.mask_quantile)] if "--mask_quantile" not in METHODS[method]
-                           else []), *METHODS[method], *args.extra.split()])
+                           else []), *METHODS[method], *shlex.split(args.extra)])
                     ident = trainer.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
                 pipe.load_action_identifier(ident)
                 prompts = [f"{c} {ident.token}" for c in captions]
@@ -197,7 +202,7 @@ def main(argv=None):
         if pipe.action_identifiers:
             pipe.unload_action_identifier()
 
-    keys = ("action_acc", "subject_acc", "species_acc", "colour_acc", "leak")
+    keys = ("action_acc", "subject_acc", "joint_acc", "species_acc", "colour_acc", "leak")
     summary = {m: {k: float(np.mean([results[m][a][k] for a in args.actions])) for k in keys} for m in args.methods}
     print()
     print(f"held-out actions {', '.join(args.actions)}; {args.num_exemplars} exemplars, {args.steps} steps, "
@@ -212,10 +217,11 @@ def main(argv=None):
         if "text_seen" in summary:  # the base model's own cost of asking for an action in words
             verdict["adi_minus_text_seen_subject_points"] = 100 * (summary["adi"]["subject_acc"]
                                                                    - summary["text_seen"]["subject_acc"])
-        for abl in ("adi_no_mask", "adi_shared"):
+        for abl in ("adi_no_mask", "adi_shared"):  # a part matters if removing it loses action-on-subject images
             if abl in summary:
-                verdict[f"adi_minus_{abl}_action_points"] = 100 * (summary["adi"]["action_acc"]
-                                                                   - summary[abl]["action_acc"])
+                for k in ("action_acc", "subject_acc", "joint_acc"):
+                    verdict[f"adi_minus_{abl}_{k.split('_')[0]}_points"] = 100 * (summary["adi"][k]
+                                                                                   - summary[abl][k])
         print("verdict:", json.dumps(verdict))
 
     clf_metrics = {}

@@ -35,4 +35,8 @@ def test_score_per_image_actions(bench):
     subj = FakeJudge(species=["cat", "bird", "cat", "robot"], colour=["red", "blue", "green", "red"])
     r = bench.score(images, subjects, {("robot", "red")}, ["sit", "run", "stand", "run"], pose, subj)
     assert r["action_acc"] == 0.5 and r["species_acc"] == 0.75 and r["subject_acc"] == 0.75 and r["leak"] == 0.25
+    assert r["joint_acc"] == 0.5  # images 0 and 1: the wanted pose on the prompt's subject
+    r = bench.score(images, subjects, set(), ["sit", "run", "run", "run"], pose, subj)
+    # action 3/4 (not image 3), subject 3/4 (not image 2): both right in only 2 of 4 images
+    assert (r["action_acc"], r["subject_acc"], r["joint_acc"]) == (0.75, 0.75, 0.5)
     assert bench.score(images, subjects, set(), "run", pose, subj)["action_acc"] == 0.5
