@@ -34,6 +34,7 @@ Table to stdout, JSON to benchmarks/results/actions.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import shlex
@@ -82,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "actions.json"))
     p.add_argument("--save_images", default=None, help="Folder for one grid PNG per action (rows = methods).")
+    p.add_argument("--identifier_dir", default=None,
+                   help="Keep the learned identifiers here and reuse them when the same training config comes "
+                        "again (e.g. to re-score with another --identifier_steps without retraining).")
     p.add_argument("--quick", action="store_true", help="1 action, 20 steps, 4 images: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -119,6 +123,15 @@ def seen_verb_caption(species: str, colour: str, background: str, action: str) -
     if action not in SEEN_ACTIONS:
         raise ValueError(f"{action!r} is not a seen action: the base model never read a verb for it")
     return f"a {colour} {species} {ACTION_VERBS[action]} {FIGURE_BACKGROUNDS[background]}"
+
+
+def identifier_cache_path(args, action: str, method: str, train_argv: list[str]) -> Path | None:
+    """Where `--identifier_dir` keeps this identifier: keyed by everything it depends on (training flags,
+    base model, exemplar set), so a changed setting never reuses a stale file."""
+    if not args.identifier_dir:
+        return None
+    key = hashlib.sha1(json.dumps([train_argv, str(args.model), args.exemplar_species]).encode())
+    return Path(args.identifier_dir) / f"{action}-{method}-{key.hexdigest()[:10]}.safetensors"
 
 
 def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf) -> dict:
@@ -180,15 +193,20 @@ def main(argv=None):
                 prompts = captions
             else:
                 token = f"<{action}-{method}>".replace("_", "-")
-                with tempfile.TemporaryDirectory() as tmp:
-                    targs = trainer.parse_args(
-                        ["--name", token, "--output_dir", tmp, "--steps", str(args.steps),
-                         "--num_exemplars", str(args.num_exemplars), "--validation_steps", "0",
-                         "--checkpointing_steps", str(10 ** 9), "--seed", str(args.seed),
-                         *(["--mask_quantile", str(args.mask_quantile)] if "--mask_quantile" not in METHODS[method]
-                           else []), *METHODS[method], *shlex.split(args.extra)])
-                    ident = trainer.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
-                pipe.load_action_identifier(ident)
+                train_argv = ["--name", token, "--steps", str(args.steps),
+                              "--num_exemplars", str(args.num_exemplars), "--validation_steps", "0",
+                              "--checkpointing_steps", str(10 ** 9), "--seed", str(args.seed),
+                              *(["--mask_quantile", str(args.mask_quantile)] if "--mask_quantile" not in METHODS[method]
+                                else []), *METHODS[method], *shlex.split(args.extra)]
+                cached = identifier_cache_path(args, action, method, train_argv)
+                if cached is not None and cached.is_file():
+                    ident = pipe.load_action_identifier(cached)
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        targs = trainer.parse_args([*train_argv, "--output_dir", tmp,
+                                                    *(["--output", str(cached)] if cached is not None else [])])
+                        ident = trainer.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
+                    pipe.load_action_identifier(ident)
                 prompts = [f"{c} {ident.token}" for c in captions]
             learn_s = time.time() - t0
             images = pipe(prompts, seed=args.seed, output_type="np", identifier_steps=args.identifier_steps).images

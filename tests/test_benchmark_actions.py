@@ -40,3 +40,15 @@ def test_score_per_image_actions(bench):
     # action 3/4 (not image 3), subject 3/4 (not image 2): both right in only 2 of 4 images
     assert (r["action_acc"], r["subject_acc"], r["joint_acc"]) == (0.75, 0.75, 0.5)
     assert bench.score(images, subjects, set(), "run", pose, subj)["action_acc"] == 0.5
+
+
+def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
+    args = bench.parse_args(["--identifier_dir", str(tmp_path)])
+    argv = ["--name", "<jump-adi>", "--steps", "300"]
+    path = bench.identifier_cache_path(args, "jump", "adi", argv)
+    assert path.parent == tmp_path and path.name.startswith("jump-adi-")
+    assert bench.identifier_cache_path(args, "jump", "adi", list(argv)) == path
+    assert bench.identifier_cache_path(args, "jump", "adi", argv[:-1] + ["600"]) != path
+    same = bench.parse_args(["--identifier_dir", str(tmp_path), "--exemplar_species", "same"])
+    assert bench.identifier_cache_path(same, "jump", "adi", argv) != path
+    assert bench.identifier_cache_path(bench.parse_args([]), "jump", "adi", argv) is None
