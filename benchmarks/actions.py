@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--classifiers", default=None, help="Folder with pose/ and subject/ (default <model>/classifiers).")
     p.add_argument("--actions", nargs="+", default=list(HELDOUT_ACTIONS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--num_exemplars", type=int, default=4)
     p.add_argument("--num_images", type=int, default=16)
     p.add_argument("--mask_quantile", type=float, default=0.5)

@@ -2,7 +2,7 @@
 """Learn an action identifier from a few exemplar images (ADI; Textual Inversion as a baseline).
 
     accelerate launch training/train_action_identifier.py --exemplars exemplars/ --name jump \\
-        --output_dir runs/action-jump --steps 300
+        --output_dir runs/action-jump --steps 600
 
 `exemplars/` holds images of *different* subjects doing the same action, and optionally a
 `metadata.jsonl` (one JSON object per image: `file_name`, `caption` describing subject and
@@ -79,7 +79,7 @@ def parse_args(argv=None):
                    help="Training prompt; {caption} is the exemplar's caption, {token} the identifier. "
                         "Default: '{caption} {token}' for adi, 'a {token}' for textual_inversion.")
     p.add_argument("--num_exemplars", type=int, default=4, help="Use the first N exemplars (sorted by name).")
-    p.add_argument("--steps", "--max_train_steps", dest="max_train_steps", type=int, default=300)
+    p.add_argument("--steps", "--max_train_steps", dest="max_train_steps", type=int, default=600)
     p.add_argument("--train_batch_size", type=int, default=4, help="Anchors per step (each brings partners).")
     p.add_argument("--learning_rate", type=float, default=None,
                    help="Default 5e-2 (output-space tokens) or 2e-2 (textual inversion); see docs/actions.md.")

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     learn.add_argument("-o", "--output", help="identifier file (default ./<name>.safetensors)")
     learn.add_argument("--model", help="ActionPipeline folder (default: bundled layergen-mini action model)")
     learn.add_argument("--method", default="adi", choices=["adi", "textual_inversion"])
-    learn.add_argument("--steps", type=int, default=300)
+    learn.add_argument("--steps", type=int, default=600)
     learn.add_argument("--num_exemplars", type=int, default=4)
     learn.add_argument("--mask_quantile", type=float, default=0.5)
     learn.add_argument("--contrast", default="auto", choices=["auto", "render", "generate", "dir", "none"])
