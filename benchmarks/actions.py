@@ -125,12 +125,18 @@ def seen_verb_caption(species: str, colour: str, background: str, action: str) -
     return f"a {colour} {species} {ACTION_VERBS[action]} {FIGURE_BACKGROUNDS[background]}"
 
 
-def identifier_cache_path(args, action: str, method: str, train_argv: list[str]) -> Path | None:
-    """Where `--identifier_dir` keeps this identifier: keyed by everything it depends on (training flags,
-    base model, exemplar set), so a changed setting never reuses a stale file."""
+def identifier_cache_path(args, action: str, method: str, train_argv: list[str], trainer=None) -> Path | None:
+    """Where `--identifier_dir` keeps this identifier: keyed by everything it depends on (every parsed training
+    setting, defaults included, the base model, the exemplar set), so a changed flag *or default* never reuses
+    a stale file."""
     if not args.identifier_dir:
         return None
-    key = hashlib.sha1(json.dumps([train_argv, str(args.model), args.exemplar_species]).encode())
+    trainer = trainer or load_training_module()
+    config = vars(trainer.parse_args([*train_argv, "--output_dir", "."]))
+    for path_only in ("output_dir", "output"):
+        config.pop(path_only, None)
+    key = hashlib.sha1(json.dumps([config, str(args.model), args.exemplar_species], sort_keys=True,
+                                  default=str).encode())
     return Path(args.identifier_dir) / f"{action}-{method}-{key.hexdigest()[:10]}.safetensors"
 
 
@@ -198,7 +204,7 @@ def main(argv=None):
                               "--checkpointing_steps", str(10 ** 9), "--seed", str(args.seed),
                               *(["--mask_quantile", str(args.mask_quantile)] if "--mask_quantile" not in METHODS[method]
                                 else []), *METHODS[method], *shlex.split(args.extra)]
-                cached = identifier_cache_path(args, action, method, train_argv)
+                cached = identifier_cache_path(args, action, method, train_argv, trainer)
                 if cached is not None and cached.is_file():
                     ident = pipe.load_action_identifier(cached)
                 else:

@@ -52,3 +52,12 @@ def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
     same = bench.parse_args(["--identifier_dir", str(tmp_path), "--exemplar_species", "same"])
     assert bench.identifier_cache_path(same, "jump", "adi", argv) != path
     assert bench.identifier_cache_path(bench.parse_args([]), "jump", "adi", argv) is None
+
+    class NewDefaults:  # the training script's defaults changed, the benchmark's flags did not
+        @staticmethod
+        def parse_args(a):
+            ns = bench.load_training_module().parse_args(a)
+            ns.mask_momentum = 0.5
+            return ns
+
+    assert bench.identifier_cache_path(args, "jump", "adi", argv, trainer=NewDefaults()) != path

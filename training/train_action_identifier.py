@@ -87,8 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--mask_quantile", type=float, default=0.5,
                    help="Fraction of each layer's channels masked as action-agnostic per step (0 = no mask).")
-    p.add_argument("--mask_momentum", type=float, default=0.0,
-                   help="EMA of the mask statistics across steps (0 = a fresh mask every step, as ADI).")
+    p.add_argument("--mask_momentum", type=float, default=0.98,
+                   help="EMA of the mask statistics across steps. One step's channel score is mostly noise "
+                        "(docs/actions.md), so the default averages ~50 steps; 0 = a fresh mask every step.")
     p.add_argument("--max_norm_ratio", type=float, default=0.0,
                    help="Cap each identifier row's norm at this multiple of its initial norm, rescaling only "
                         "the channels updated this step (0 = no cap).")
