@@ -125,16 +125,13 @@ def seen_verb_caption(species: str, colour: str, background: str, action: str) -
     return f"a {colour} {species} {ACTION_VERBS[action]} {FIGURE_BACKGROUNDS[background]}"
 
 
-def identifier_cache_path(args, action: str, method: str, train_argv: list[str], trainer=None) -> Path | None:
+def identifier_cache_path(args, action: str, method: str, train_args) -> Path | None:
     """Where `--identifier_dir` keeps this identifier: keyed by everything it depends on (every parsed training
-    setting, defaults included, the base model, the exemplar set), so a changed flag *or default* never reuses
-    a stale file."""
+    setting `train_args`, defaults included, the base model, the exemplar set), so a changed flag *or default*
+    never reuses a stale file."""
     if not args.identifier_dir:
         return None
-    trainer = trainer or load_training_module()
-    config = vars(trainer.parse_args([*train_argv, "--output_dir", "."]))
-    for path_only in ("output_dir", "output"):
-        config.pop(path_only, None)
+    config = {k: v for k, v in vars(train_args).items() if k not in ("output_dir", "output")}
     key = hashlib.sha1(json.dumps([config, str(args.model), args.exemplar_species], sort_keys=True,
                                   default=str).encode())
     return Path(args.identifier_dir) / f"{action}-{method}-{key.hexdigest()[:10]}.safetensors"
@@ -199,18 +196,18 @@ def main(argv=None):
                 prompts = captions
             else:
                 token = f"<{action}-{method}>".replace("_", "-")
-                train_argv = ["--name", token, "--steps", str(args.steps),
-                              "--num_exemplars", str(args.num_exemplars), "--validation_steps", "0",
-                              "--checkpointing_steps", str(10 ** 9), "--seed", str(args.seed),
-                              *(["--mask_quantile", str(args.mask_quantile)] if "--mask_quantile" not in METHODS[method]
-                                else []), *METHODS[method], *shlex.split(args.extra)]
-                cached = identifier_cache_path(args, action, method, train_argv, trainer)
+                targs = trainer.parse_args(
+                    ["--name", token, "--output_dir", ".", "--steps", str(args.steps),
+                     "--num_exemplars", str(args.num_exemplars), "--validation_steps", "0",
+                     "--checkpointing_steps", str(10 ** 9), "--seed", str(args.seed),
+                     *(["--mask_quantile", str(args.mask_quantile)] if "--mask_quantile" not in METHODS[method]
+                       else []), *METHODS[method], *shlex.split(args.extra)])
+                cached = identifier_cache_path(args, action, method, targs)
                 if cached is not None and cached.is_file():
                     ident = pipe.load_action_identifier(cached)
                 else:
                     with tempfile.TemporaryDirectory() as tmp:
-                        targs = trainer.parse_args([*train_argv, "--output_dir", tmp,
-                                                    *(["--output", str(cached)] if cached is not None else [])])
+                        targs.output_dir, targs.output = tmp, (None if cached is None else str(cached))
                         ident = trainer.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
                     pipe.load_action_identifier(ident)
                 prompts = [f"{c} {ident.token}" for c in captions]

@@ -43,21 +43,23 @@ def test_score_per_image_actions(bench):
 
 
 def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
+    trainer = bench.load_training_module()
+
+    def parsed(*extra):
+        return trainer.parse_args(["--name", "<jump-adi>", "--output_dir", ".", *extra])
+
     args = bench.parse_args(["--identifier_dir", str(tmp_path)])
-    argv = ["--name", "<jump-adi>", "--steps", "300"]
-    path = bench.identifier_cache_path(args, "jump", "adi", argv)
+    path = bench.identifier_cache_path(args, "jump", "adi", parsed("--steps", "300"))
     assert path.parent == tmp_path and path.name.startswith("jump-adi-")
-    assert bench.identifier_cache_path(args, "jump", "adi", list(argv)) == path
-    assert bench.identifier_cache_path(args, "jump", "adi", argv[:-1] + ["600"]) != path
+    assert bench.identifier_cache_path(args, "jump", "adi", parsed("--steps", "300")) == path
+    assert bench.identifier_cache_path(args, "jump", "adi", parsed("--steps", "600")) != path
+    # where the outputs go is not part of the identifier
+    moved = parsed("--steps", "300")
+    moved.output_dir, moved.output = str(tmp_path / "elsewhere"), str(tmp_path / "x.safetensors")
+    assert bench.identifier_cache_path(args, "jump", "adi", moved) == path
     same = bench.parse_args(["--identifier_dir", str(tmp_path), "--exemplar_species", "same"])
-    assert bench.identifier_cache_path(same, "jump", "adi", argv) != path
-    assert bench.identifier_cache_path(bench.parse_args([]), "jump", "adi", argv) is None
-
-    class NewDefaults:  # the training script's defaults changed, the benchmark's flags did not
-        @staticmethod
-        def parse_args(a):
-            ns = bench.load_training_module().parse_args(a)
-            ns.mask_momentum = 0.5
-            return ns
-
-    assert bench.identifier_cache_path(args, "jump", "adi", argv, trainer=NewDefaults()) != path
+    assert bench.identifier_cache_path(same, "jump", "adi", parsed("--steps", "300")) != path
+    assert bench.identifier_cache_path(bench.parse_args([]), "jump", "adi", parsed("--steps", "300")) is None
+    new_default = parsed("--steps", "300")  # the training script's default changed, the benchmark's flags did not
+    new_default.mask_momentum = 0.5
+    assert bench.identifier_cache_path(args, "jump", "adi", new_default) != path
