@@ -63,6 +63,26 @@ def resume_step(accelerator, output_dir, resume_from: str | None) -> int:
     return int(m.group(1))
 
 
+def optimizer_step(accelerator, params, optimizer, lr_scheduler, max_grad_norm: float) -> None:
+    """The tail of an `accelerator.accumulate` block: clip on the step that syncs gradients, then step and zero."""
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+
+
+def averaged_copy(accelerator, model, ema=None):
+    """An eval copy of `model` with the EMA weights when there are any: what validation and the saved model
+    should see, taken without disturbing the weights that keep training."""
+    import copy
+
+    copied = copy.deepcopy(accelerator.unwrap_model(model)).eval()
+    if ema is not None:
+        ema.copy_to(copied.parameters())
+    return copied
+
+
 def checkerboard(height: int, width: int, cell: int = 8) -> np.ndarray:
     """Light/dark grey checkerboard, float32 H x W x 3 in [0, 1]: the usual transparency backdrop."""
     yy, xx = np.mgrid[0:height, 0:width]

@@ -20,7 +20,6 @@ written to `<output_dir>/pipeline`, loadable with `ActionPipeline.from_pretraine
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import shutil
@@ -37,7 +36,8 @@ from tqdm.auto import tqdm
 
 from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure,
                                    subject_caption)
-from layergen.training_utils import embed_texts, load_text_encoder, resume_step, save_checkpoint, save_image_grid
+from layergen.training_utils import (averaged_copy, embed_texts, load_text_encoder, optimizer_step, resume_step,
+                                     save_checkpoint, save_image_grid)
 
 logger = logging.getLogger(__name__)
 
@@ -236,11 +236,7 @@ def main(argv=None):
             per = F.mse_loss(pred.float(), goal.float(), reduction="none").mean(dim=(1, 2, 3))
             loss = (per * snr_weights(noise_scheduler, t, args.prediction_type, args.min_snr_gamma)).mean()
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, unet.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
             if ema is not None:
                 ema.step(unet.parameters())
@@ -250,17 +246,13 @@ def main(argv=None):
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
-                eval_unet = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
-                if ema is not None:
-                    ema.copy_to(eval_unet.parameters())
+                eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(eval_unet, vae, tokenizer, text_encoder, noise_scheduler.config,
                                out / f"validation-{global_step}.png")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
-        if ema is not None:
-            ema.copy_to(final.parameters())
+        final = averaged_copy(accelerator, unet, ema)
         save_pipeline(args, final, vae, tokenizer, text_path, noise_scheduler.config, out / "pipeline")
         log_validation(final, vae, tokenizer, text_encoder, noise_scheduler.config, out / "validation-final.png")
         accelerator.print(f"saved {out / 'pipeline'}")

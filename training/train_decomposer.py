@@ -25,7 +25,6 @@ pipeline or a checkpoint (its EMA weights) into assets/layergen-mini/decomposer 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 from pathlib import Path
 
@@ -42,7 +41,8 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.learned import LayerDecomposer, decode_rgb, encode_layer, encode_rgb, \
     save_decomposition_pipeline
 from layergen.layers import Layer, LayerStack
-from layergen.training_utils import resume_step, rgba_preview, save_checkpoint, save_image_grid
+from layergen.training_utils import (averaged_copy, optimizer_step, resume_step, rgba_preview, save_checkpoint,
+                                     save_image_grid)
 
 logger = logging.getLogger(__name__)
 
@@ -256,11 +256,7 @@ def main(argv=None):
                     loss = loss + args.consistency_weight * consistency_loss(vae, decoder, x0[:, :c], x0[:, c:],
                                                                              comp)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, model.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
             if ema is not None:
                 ema.step(model.parameters())
@@ -270,18 +266,14 @@ def main(argv=None):
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
-                eval_model = copy.deepcopy(accelerator.unwrap_model(model)).eval()
-                if ema is not None:
-                    ema.copy_to(eval_model.parameters())
+                eval_model = averaged_copy(accelerator, model, ema)
                 iou = log_validation(args, eval_model, vae, decoder, noise_scheduler.config,
                                      out / f"validation-{global_step}.png")
                 logger.info("step %d: validation alpha IoU %.3f", global_step, iou)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = copy.deepcopy(accelerator.unwrap_model(model)).eval()
-        if ema is not None:
-            ema.copy_to(final.parameters())
+        final = averaged_copy(accelerator, model, ema)
         save_decomposition_pipeline(out / "pipeline", final, vae,
                                     DDIMScheduler.from_config(noise_scheduler.config), decoder)
         iou = log_validation(args, final, vae, decoder, noise_scheduler.config, out / "validation-final.png")

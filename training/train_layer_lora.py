@@ -45,7 +45,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from layergen.training_utils import resume_step, rgba_preview, save_checkpoint, save_image_grid
+from layergen.training_utils import optimizer_step, resume_step, rgba_preview, save_checkpoint, save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -551,11 +551,7 @@ def main(argv=None):
                     w = w / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else w / snr
                     loss = (F.mse_loss(pred.float(), goal.float(), reduction="none").mean((1, 2, 3)) * w).mean()
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                optimizer_step(accelerator, params, optimizer, lr_scheduler, args.max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:

@@ -19,7 +19,6 @@ into assets/layergen-mini/layer_matte (fp16), where `load_decomposition_pipeline
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 from pathlib import Path
@@ -34,7 +33,8 @@ from tqdm.auto import tqdm
 
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.matte_net import LayerMatteNet
-from layergen.training_utils import resume_step, rgba_preview, save_checkpoint, save_image_grid
+from layergen.training_utils import (averaged_copy, optimizer_step, resume_step, rgba_preview, save_checkpoint,
+                                     save_image_grid)
 
 logger = logging.getLogger(__name__)
 VALIDATION_SEED_START = HELDOUT_SEED_START + 500_000  # held out, and apart from the benchmark's seeds
@@ -172,11 +172,7 @@ def main(argv=None):
             pred = model(batch["composite"], batch["instance"], batch["others"])
             loss = compute_loss(pred, batch, args.iou_weight, args.colour_weight)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, model.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
             if ema is not None:
                 ema.step(model.parameters())
@@ -186,17 +182,13 @@ def main(argv=None):
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
-                eval_model = copy.deepcopy(accelerator.unwrap_model(model)).eval()
-                if ema is not None:
-                    ema.copy_to(eval_model.parameters())
+                eval_model = averaged_copy(accelerator, model, ema)
                 iou = validate(eval_model, args, out / f"validation-{global_step}.png")
                 logger.info("step %d: held-out amodal alpha IoU %.3f", global_step, iou)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = copy.deepcopy(accelerator.unwrap_model(model)).eval()
-        if ema is not None:
-            ema.copy_to(final.parameters())
+        final = averaged_copy(accelerator, model, ema)
         final.save_pretrained(out / "layer_matte")
         iou = validate(final, args, out / "validation-final.png")
         accelerator.print(f"saved {out / 'layer_matte'} (held-out amodal alpha IoU {iou:.3f})")

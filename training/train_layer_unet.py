@@ -21,7 +21,6 @@ written to `<output_dir>/pipeline`, loadable with `TransparentLayerPipeline.from
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import shutil
 from pathlib import Path
@@ -38,8 +37,8 @@ from tqdm.auto import tqdm
 
 from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_scene
 from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder, encode_rgba
-from layergen.training_utils import (embed_texts, load_text_encoder, resume_step, rgba_preview,
-                                       save_checkpoint, save_image_grid)
+from layergen.training_utils import (averaged_copy, embed_texts, load_text_encoder, optimizer_step, resume_step,
+                                     rgba_preview, save_checkpoint, save_image_grid)
 
 logger = logging.getLogger(__name__)
 
@@ -252,11 +251,7 @@ def main(argv=None):
                         class_labels=tasks.to(target.device)).sample
             loss = F.mse_loss(pred.float(), goal.float())
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, unet.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
             if ema is not None:
                 ema.step(unet.parameters())
@@ -266,17 +261,13 @@ def main(argv=None):
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
-                eval_unet = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
-                if ema is not None:
-                    ema.copy_to(eval_unet.parameters())
+                eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(args, eval_unet, vae, tokenizer, text_encoder, encoder, decoder,
                                noise_scheduler.config, out / f"validation-{global_step}.png")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
-        if ema is not None:
-            ema.copy_to(final.parameters())
+        final = averaged_copy(accelerator, unet, ema)
         save_pipeline(args, final, vae, tokenizer, text_path, encoder, decoder, noise_scheduler.config,
                       out / "pipeline")
         log_validation(args, final, vae, tokenizer, text_encoder, encoder, decoder, noise_scheduler.config,

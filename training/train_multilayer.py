@@ -28,7 +28,6 @@ is written to `<output_dir>/pipeline`; load it with `MultiLayerPipeline.from_pre
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import shutil
@@ -48,7 +47,7 @@ from layergen.layers.compositing import composite_layers
 from layergen.layout import Box
 from layergen.models.transparent_codec import encode_rgba
 from layergen.pipelines.pipeline_multilayer import crop_pixels, region_crop, resize_rgba
-from layergen.training_utils import resume_step, save_checkpoint, save_image_grid
+from layergen.training_utils import averaged_copy, optimizer_step, resume_step, save_checkpoint, save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -306,11 +305,7 @@ def main(argv=None):
             pred = unet(torch.cat([noisy, cond], 1), t, encoder_hidden_states=text, class_labels=tasks).sample
             loss = F.mse_loss(pred.float(), goal.float())
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, unet.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
             if ema is not None:
                 ema.step(unet.parameters())
@@ -320,17 +315,13 @@ def main(argv=None):
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
-                eval_unet = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
-                if ema is not None:
-                    ema.copy_to(eval_unet.parameters())
+                eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(pipe, eval_unet, out / f"validation-{global_step}.png",
                                args.validation_inference_steps)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = copy.deepcopy(accelerator.unwrap_model(unet)).eval()
-        if ema is not None:
-            ema.copy_to(final.parameters())
+        final = averaged_copy(accelerator, unet, ema)
         save_pipeline(pipe, final, Path(args.pretrained), out / "pipeline")
         log_validation(pipe, final, out / "validation-final.png", args.validation_inference_steps)
         accelerator.print(f"saved {out / 'pipeline'}")

@@ -52,7 +52,7 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_sce
 from layergen.models.transparent_codec import (
     MINI_DECODER_CONFIG, MINI_ENCODER_CONFIG, TransparentDecoder, TransparentEncoder, premultiply_on_grey,
     vae_scale_factor)
-from layergen.training_utils import resume_step, rgba_preview, save_checkpoint, save_image_grid
+from layergen.training_utils import optimizer_step, resume_step, rgba_preview, save_checkpoint, save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -395,11 +395,7 @@ def main(argv=None):
             if args.offset_l2_weight:
                 loss = loss + args.offset_l2_weight * offset.float().pow(2).mean()
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, params, optimizer, scheduler, args.max_grad_norm)
         if accelerator.sync_gradients:
             global_step += 1
             progress.update(1)

@@ -48,7 +48,7 @@ from layergen.atomic import atomic_dir, write_text_atomic
 from layergen.data.mannequins import LAYER_NAMES
 from layergen.models.triplane import TriplaneDecoder, flip_x
 from layergen.models.triplane_unet import LayeredTriplaneUNet
-from layergen.training_utils import resume_step, rgba_preview, save_checkpoint, save_image_grid
+from layergen.training_utils import optimizer_step, resume_step, rgba_preview, save_checkpoint, save_image_grid
 
 logger = logging.getLogger("train_triplane_diffusion")
 
@@ -303,11 +303,7 @@ def main(argv=None):
                                                                           "v_prediction" else w)
                     loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3)) * w).mean()
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(accelerator, unet.parameters(), optimizer, lr_scheduler, args.max_grad_norm)
             if accelerator.sync_gradients:
                 if ema is not None:
                     ema.step(unet.parameters())

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from layergen.data.datasets import SceneImageDataset
 from layergen.data.scenes import HELDOUT_SEED_START
-from layergen.training_utils import resume_step, save_checkpoint, save_image_grid
+from layergen.training_utils import optimizer_step, resume_step, save_checkpoint, save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +150,7 @@ def main(argv=None):
             rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
             loss = rec_loss + args.kl_weight * kl
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, model.parameters(), optimizer, scheduler, args.max_grad_norm)
         if accelerator.sync_gradients:
             global_step += 1
             progress.update(1)
