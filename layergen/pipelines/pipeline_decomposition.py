@@ -2,14 +2,14 @@
 
     pipe = DecompositionPipeline()                            # classical, no weights
     out = pipe(image, boxes=[(10, 20, 40, 40)])               # or masks=, points=, nothing = automatic
-    out.stack.composite()  # == the input (out.psnr says how closely, usually > 45 dB)
+    out.stack.composite()  # == the 8-bit input, bit for bit (out.psnr: 100 dB, the cap)
 
     pipe = load_decomposition_pipeline()       # the learned mini decomposer (layergen.decompose.learned)
 
 Each instance is peeled top-first (LayerD-style): propose -> matte the body ->
 complete the background under body and effects -> *unblend* the layer from
 input and background, so shadows and glows stay in the object's layer and the
-stack re-composites to the input. `recursive=True` re-runs the proposal on
+stack re-composites to the input (`absorb_rounding` takes up what 8-bit rounding leaves). `recursive=True` re-runs the proposal on
 the revealed image after every peel, up to `num_layers` layers.
 
 Components are plain objects (see `layergen.decompose`): `proposer`,
@@ -424,6 +424,7 @@ class DecompositionPipeline(DiffusionPipeline):
                     break
         stack = LayerStack(w, h, metadata={"pipeline": type(self).__name__})
         bg_u8 = np.floor(np.clip(current, 0, 1) * 255 + 0.5).astype(np.uint8)
+        absorb_rounding([bg_u8] + [l.pixels for l in reversed(peeled)], img)
         stack.add(Layer(bg_u8, name="background", metadata={"kind": "background"}))
         for k, layer in enumerate(reversed(peeled)):  # peeled top-first; the stack is bottom -> top
             layer.name = f"instance {k + 1}"
@@ -434,6 +435,52 @@ class DecompositionPipeline(DiffusionPipeline):
         out = DecompositionPipelineOutput(stack=stack, psnr=value, seconds=time.perf_counter() - start,
                                           proposals=list(reversed(used)))
         return out if return_dict else (stack, value)
+
+
+def absorb_rounding(layers_u8: list[np.ndarray], image: np.ndarray) -> None:
+    """Edit the colours of 8-bit layers (bottom -> top, [0] the opaque background) in place so that they
+    composite to `image` (float H x W x 3 on the 8-bit grid) wherever rounding made them miss it.
+
+    The peels solve the compositing equation in floats; rounding every layer's alpha and colour to
+    8 bits leaves the re-composite up to a level or two off. Per wrong pixel and channel, the layer
+    whose colour counts most there (weight = its alpha times the transparency of everything above)
+    takes the error: its colour moves by error / weight (a level or two) to whichever 8-bit neighbour
+    leaves the smallest error; if that would leave [0, 1], the next layer by weight tries.
+    """
+    target = np.floor(np.asarray(image, np.float64) * 255.0 + 0.5)
+    cols = [l[..., :3].astype(np.float64) for l in layers_u8]
+    alphas = [np.ones(layers_u8[0].shape[:2])] + [l[..., 3].astype(np.float64) / 255.0 for l in layers_u8[1:]]
+    weights, above = [], np.ones_like(alphas[0])
+    for a in reversed(alphas):
+        weights.insert(0, a * above)
+        above = above * (1.0 - a)
+    weights = np.stack(weights)[..., None] * np.ones(3)  # n x H x W x 3
+
+    def composite():
+        return sum(w * c for w, c in zip(weights, cols))
+
+    ranked = np.argsort(-weights, axis=0)
+    for rank in range(min(2, len(layers_u8))):
+        value = composite()
+        wrong = np.floor(value + 0.5) != target
+        if not wrong.any():
+            break
+        for k in range(len(layers_u8)):
+            sel = wrong & (ranked[rank] == k) & (weights[k] > 0)
+            if not sel.any():
+                continue
+            w, c = weights[k][sel], cols[k][sel]
+            ideal = c + (target[sel] - value[sel]) / w
+            best = c.copy()
+            best_err = np.abs(target[sel] - value[sel])
+            for cand in (np.floor(ideal), np.ceil(ideal)):
+                err = np.abs(target[sel] - (value[sel] + w * (cand - c)))
+                ok = (cand >= 0) & (cand <= 255) & (err < best_err)
+                best, best_err = np.where(ok, cand, best), np.where(ok, err, best_err)
+            cols[k][sel] = best
+    for layer, c, a in zip(layers_u8, cols, alphas):
+        rgb = np.where(a[..., None] > 0, c, layer[..., :3])
+        layer[..., :3] = rgb.astype(np.uint8)
 
 
 def _frame(shape):
