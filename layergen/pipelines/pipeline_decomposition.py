@@ -9,8 +9,9 @@
 Each instance is peeled top-first (LayerD-style): propose -> matte the body ->
 complete the background under body and effects -> *unblend* the layer from
 input and background, so shadows and glows stay in the object's layer and the
-stack re-composites to the input (`absorb_rounding` takes up what 8-bit rounding leaves). `recursive=True` re-runs the proposal on
-the revealed image after every peel, up to `num_layers` layers.
+stack re-composites to the input (`absorb_rounding` takes up what 8-bit
+rounding leaves). `recursive=True` re-runs the proposal on the revealed image
+after every peel, up to `num_layers` layers.
 
 Components are plain objects (see `layergen.decompose`): `proposer`,
 `matting`, `completion`, `extraction`. Learned modules (optional):
