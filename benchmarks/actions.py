@@ -19,12 +19,16 @@ held-out action: 4 exemplars (4 different species, colours, backgrounds; seeds f
 HELDOUT_SEED_START), identifiers learned for `--steps` steps, then 16 images of 16 *unseen*
 subjects (species x colour pairs not among the exemplars, in random backgrounds), prompt
 "a <colour> <species> <background phrase> <token>", 20 DPM-Solver steps, CFG 5, image k
-with seed `--seed + k` for every method (paired).
+with seed `--seed + k` for every method (paired). Several `--seed`s repeat all of it per seed and pool
+(one image is 100 / (16 x actions x seeds) points; at 4 actions and 2 seeds, 0.8).
 
 Scores, from judges trained only on renders (`training/train_pose_classifier.py`):
   action_acc   pose classifier says the held-out action (chance 1/11)
   subject_acc  subject classifier gets both species and colour of the *prompt*
+  joint_acc    both at once: the action on the prompt's subject (the task itself)
   leak         subject classifier says one of the *exemplars'* subjects instead
+  paired       per pair of methods, images only one of them got right (same subject, prompt and seed),
+               with the exact two-sided sign-test p-value: is a gap more than seed noise?
 
     python benchmarks/actions.py                      # full run, ~20-30 min on 2 CPU cores
     python benchmarks/actions.py --quick              # smoke run
@@ -80,7 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--identifier_steps", type=float, default=1.0,
                    help="fraction of denoising steps in which every method's identifier acts (ActionPipeline)")
     p.add_argument("--extra", default="", help="Extra training flags for every identifier method (quoted).")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="one or more seeds (training noise, unseen subjects, image seeds); several are pooled, "
+                        "with per-seed numbers and paired image-by-image counts in the JSON")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "actions.json"))
     p.add_argument("--save_images", default=None, help="Folder for one grid PNG per action (rows = methods).")
     p.add_argument("--identifier_dir", default=None,
@@ -156,22 +162,60 @@ def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf) ->
         "colour_acc": float(np.mean(colour_ok)),
         "leak": float(np.mean([(subj["species"][k], subj["colour"][k]) in exemplar_subjects for k in range(n)])),
         "poses": {p: pose.count(p) for p in sorted(set(pose))},
+        "correct": {"action": [int(a) for a in action_ok], "subject": [int(a) for a in subject_ok],
+                    "joint": [int(a and b) for a, b in zip(action_ok, subject_ok)]},
     }
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    from layergen.models.figure_classifier import FigureClassifier
-    from layergen.pipelines.pipeline_action import ActionPipeline
+KEYS = ("action_acc", "subject_acc", "joint_acc", "species_acc", "colour_acc", "leak")
 
-    clf_dir = Path(args.classifiers or Path(args.model) / "classifiers")
-    pose_clf = FigureClassifier.from_pretrained(clf_dir / "pose", torch_dtype=torch.float32).eval()
-    subject_clf = FigureClassifier.from_pretrained(clf_dir / "subject", torch_dtype=torch.float32).eval()
-    pipe = ActionPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    trainer = load_training_module()
 
+def pool(per_seed: dict, methods, actions) -> tuple[dict, dict]:
+    """Pooled `summary` (mean over seeds x actions, equal images each) and `per_action` (mean over seeds)."""
+    seeds = list(per_seed)
+    summary = {m: {k: float(np.mean([per_seed[s][m][a][k] for s in seeds for a in actions])) for k in KEYS}
+               for m in methods}
+    per_action = {}
+    for m in methods:
+        per_action[m] = {}
+        for a in actions:
+            cells = [per_seed[s][m][a] for s in seeds]
+            row = {k: float(np.mean([c[k] for c in cells])) for k in KEYS}
+            row["poses"] = {}
+            for c in cells:
+                for p, n in c["poses"].items():
+                    row["poses"][p] = row["poses"].get(p, 0) + n
+            row["seconds"] = round(float(sum(c["seconds"] for c in cells)), 1)
+            per_action[m][a] = row
+    return summary, per_action
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (McNemar's exact form) on the discordant pairs."""
+    from math import comb
+
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return float(min(1.0, 2 * tail))
+
+
+def paired(per_seed: dict, a: str, b: str, actions) -> dict:
+    """Images `a` got right and `b` did not, and the reverse, per score, over every seed and action."""
+    out = {}
+    for key in ("action", "subject", "joint"):
+        x = [v for s in per_seed for act in actions for v in per_seed[s][a][act]["correct"][key]]
+        y = [v for s in per_seed for act in actions for v in per_seed[s][b][act]["correct"][key]]
+        wins = sum(1 for u, v in zip(x, y) if u and not v)
+        losses = sum(1 for u, v in zip(x, y) if v and not u)
+        out[key] = {"only_" + a: wins, "only_" + b: losses, "images": len(x), "p": round(sign_test_p(wins, losses), 4)}
+    return out
+
+
+def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf):
+    """Every method on every action for one seed: `{method: {action: scores}}` and the images."""
+    torch.manual_seed(seed)
     results = {m: {} for m in args.methods}
     grids = {}
     for a_idx, action in enumerate(args.actions):
@@ -181,7 +225,7 @@ def main(argv=None):
         exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", **s.metadata()}
                      for k, s in enumerate(ex)]
         ex_subjects = {(e["species"], e["colour"]) for e in exemplars}
-        subjects = unseen_subjects(exemplars, args.num_images, args.seed + a_idx)
+        subjects = unseen_subjects(exemplars, args.num_images, seed + a_idx)
         captions = [subject_caption(*s) for s in subjects]
         grids[action] = {}
         for method in args.methods:
@@ -199,7 +243,7 @@ def main(argv=None):
                 targs = trainer.parse_args(
                     ["--name", token, "--output_dir", ".", "--steps", str(args.steps),
                      "--num_exemplars", str(args.num_exemplars), "--validation_steps", "0",
-                     "--checkpointing_steps", str(10 ** 9), "--seed", str(args.seed),
+                     "--checkpointing_steps", str(10 ** 9), "--seed", str(seed),
                      *(["--mask_quantile", str(args.mask_quantile)] if "--mask_quantile" not in METHODS[method]
                        else []), *METHODS[method], *shlex.split(args.extra)])
                 cached = identifier_cache_path(args, action, method, targs)
@@ -212,7 +256,7 @@ def main(argv=None):
                     pipe.load_action_identifier(ident)
                 prompts = [f"{c} {ident.token}" for c in captions]
             learn_s = time.time() - t0
-            images = pipe(prompts, seed=args.seed, output_type="np", identifier_steps=args.identifier_steps).images
+            images = pipe(prompts, seed=seed, output_type="np", identifier_steps=args.identifier_steps).images
             res = score(images, subjects, ex_subjects, expected, pose_clf, subject_clf)
             res["seconds"] = round(time.time() - t0, 1)
             res["learn_seconds"] = round(learn_s, 1)
@@ -222,15 +266,31 @@ def main(argv=None):
                   f"leak {res['leak']:.2f}  ({res['seconds']:.0f}s)", flush=True)
         if pipe.action_identifiers:
             pipe.unload_action_identifier()
+    return results, grids
 
-    keys = ("action_acc", "subject_acc", "joint_acc", "species_acc", "colour_acc", "leak")
-    summary = {m: {k: float(np.mean([results[m][a][k] for a in args.actions])) for k in keys} for m in args.methods}
+
+def main(argv=None):
+    args = parse_args(argv)
+    from layergen.models.figure_classifier import FigureClassifier
+    from layergen.pipelines.pipeline_action import ActionPipeline
+
+    clf_dir = Path(args.classifiers or Path(args.model) / "classifiers")
+    pose_clf = FigureClassifier.from_pretrained(clf_dir / "pose", torch_dtype=torch.float32).eval()
+    subject_clf = FigureClassifier.from_pretrained(clf_dir / "subject", torch_dtype=torch.float32).eval()
+    pipe = ActionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    trainer = load_training_module()
+
+    per_seed, grids = {}, {}
+    for seed in args.seed:
+        per_seed[seed], grids[seed] = run_seed(args, seed, pipe, trainer, pose_clf, subject_clf)
+    summary, results = pool(per_seed, args.methods, args.actions)
     print()
     print(f"held-out actions {', '.join(args.actions)}; {args.num_exemplars} exemplars, {args.steps} steps, "
-          f"{args.num_images} unseen subjects each, seed {args.seed}")
-    print(f"{'method':<14}" + "".join(f"{k:>13}" for k in keys))
+          f"{args.num_images} unseen subjects each, seed(s) {' '.join(map(str, args.seed))}")
+    print(f"{'method':<14}" + "".join(f"{k:>13}" for k in KEYS))
     for m in args.methods:
-        print(f"{m:<14}" + "".join(f"{100 * summary[m][k]:>12.1f}%" for k in keys))
+        print(f"{m:<14}" + "".join(f"{100 * summary[m][k]:>12.1f}%" for k in KEYS))
     verdict = {}
     if {"adi", "ti"} <= set(args.methods):
         verdict["adi_minus_ti_action_points"] = 100 * (summary["adi"]["action_acc"] - summary["ti"]["action_acc"])
@@ -244,6 +304,12 @@ def main(argv=None):
                     verdict[f"adi_minus_{abl}_{k.split('_')[0]}_points"] = 100 * (summary["adi"][k]
                                                                                    - summary[abl][k])
         print("verdict:", json.dumps(verdict))
+    pairs = {}
+    for a, b in (("adi", "ti"), ("adi", "adi_no_mask"), ("adi", "adi_shared")):
+        if {a, b} <= set(args.methods):
+            pairs[f"{a}_vs_{b}"] = paired(per_seed, a, b, args.actions)
+            print(f"paired {a} vs {b}: " + ", ".join(f"{k} +{v['only_' + a]}/-{v['only_' + b]} (p {v['p']:.3f})"
+                                                   for k, v in pairs[f"{a}_vs_{b}"].items()))
 
     clf_metrics = {}
     for name in ("pose", "subject"):
@@ -257,7 +323,10 @@ def main(argv=None):
         "classifiers": clf_metrics,
         "summary": summary,
         "verdict": verdict,
+        "paired": pairs,
         "per_action": results,
+        "per_seed": {str(seed): {"summary": pool({seed: r}, args.methods, args.actions)[0], "per_action": r}
+                     for seed, r in per_seed.items()},
     }
     out = Path(args.out)
     from layergen.atomic import write_text_atomic
@@ -267,9 +336,11 @@ def main(argv=None):
     if args.save_images:
         from layergen.training_utils import save_image_grid
 
-        for action, rows in grids.items():
-            ims = [im for m in args.methods for im in rows[m][:8]]
-            save_image_grid(ims, Path(args.save_images) / f"{action}.png", cols=min(8, args.num_images))
+        for seed, by_action in grids.items():
+            for action, rows in by_action.items():
+                ims = [im for m in args.methods for im in rows[m][:8]]
+                name = f"{action}.png" if len(grids) == 1 else f"{action}_seed{seed}.png"
+                save_image_grid(ims, Path(args.save_images) / name, cols=min(8, args.num_images))
     return report
 
 

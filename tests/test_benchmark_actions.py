@@ -63,3 +63,42 @@ def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
     new_default = parsed("--steps", "300")  # the training script's default changed, the benchmark's flags did not
     new_default.mask_momentum = 0.5
     assert bench.identifier_cache_path(args, "jump", "adi", new_default) != path
+
+
+def _cell(action_ok, subject_ok, poses):
+    n = len(action_ok)
+    joint = [int(a and b) for a, b in zip(action_ok, subject_ok)]
+    return {"action_acc": sum(action_ok) / n, "subject_acc": sum(subject_ok) / n, "joint_acc": sum(joint) / n,
+            "species_acc": sum(subject_ok) / n, "colour_acc": 1.0, "leak": 0.0, "poses": poses, "seconds": 1.0,
+            "correct": {"action": list(action_ok), "subject": list(subject_ok), "joint": joint}}
+
+
+def test_seeds_pool_image_by_image_and_pair_the_methods(bench):
+    per_seed = {
+        0: {"adi": {"jump": _cell([1, 1, 0, 0], [1, 1, 1, 0], {"jump": 2, "sit": 2})},
+            "ti": {"jump": _cell([0, 0, 0, 0], [1, 1, 1, 1], {"sit": 4})}},
+        1: {"adi": {"jump": _cell([1, 1, 1, 1], [1, 0, 1, 1], {"jump": 4})},
+            "ti": {"jump": _cell([1, 0, 0, 0], [1, 1, 1, 1], {"jump": 1, "run": 3})}},
+    }
+    summary, per_action = bench.pool(per_seed, ["adi", "ti"], ["jump"])
+    assert summary["adi"]["action_acc"] == 6 / 8 and summary["ti"]["subject_acc"] == 1.0
+    assert summary["adi"]["joint_acc"] == 5 / 8
+    assert per_action["adi"]["jump"]["poses"] == {"jump": 6, "sit": 2} and per_action["adi"]["jump"]["seconds"] == 2.0
+    pairs = bench.paired(per_seed, "adi", "ti", ["jump"])
+    assert pairs["action"]["only_adi"] == 5 and pairs["action"]["only_ti"] == 0 and pairs["action"]["images"] == 8
+    assert pairs["subject"]["only_adi"] == 0 and pairs["subject"]["only_ti"] == 2
+    assert pairs["action"]["p"] == 0.0625  # 5 of 5 discordant pairs one way: 2 / 2^5
+    assert pairs["subject"]["p"] == 0.5  # 2 of 2: 2 / 2^2
+
+
+def test_sign_test_p_values(bench):
+    assert bench.sign_test_p(0, 0) == 1.0
+    assert bench.sign_test_p(3, 3) == 1.0
+    assert bench.sign_test_p(10, 0) == 2 / 2 ** 10
+    assert abs(bench.sign_test_p(2, 7) - 2 * (1 + 9 + 36) / 512) < 1e-12
+    assert bench.sign_test_p(7, 2) == bench.sign_test_p(2, 7)
+
+
+def test_several_seeds_parse(bench):
+    assert bench.parse_args([]).seed == [0]
+    assert bench.parse_args(["--seed", "0", "1", "2"]).seed == [0, 1, 2]
