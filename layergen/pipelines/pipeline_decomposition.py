@@ -447,41 +447,41 @@ def absorb_rounding(layers_u8: list[np.ndarray], image: np.ndarray) -> None:
     whose colour counts most there (weight = its alpha times the transparency of everything above)
     takes the error: its colour moves by error / weight (a level or two) to whichever 8-bit neighbour
     leaves the smallest error; if that would leave [0, 1], the next layer by weight tries.
+    Only the wrong samples are gathered, so a 16-megapixel stack costs one float image, not one per layer.
     """
     target = np.floor(np.asarray(image, np.float64) * 255.0 + 0.5)
-    cols = [l[..., :3].astype(np.float64) for l in layers_u8]
-    alphas = [np.ones(layers_u8[0].shape[:2])] + [l[..., 3].astype(np.float64) / 255.0 for l in layers_u8[1:]]
-    weights, above = [], np.ones_like(alphas[0])
+    value = layers_u8[0][..., :3].astype(np.float64)
+    for layer in layers_u8[1:]:
+        a = layer[..., 3:4] / 255.0
+        value = a * layer[..., :3] + (1.0 - a) * value
+    ys, xs, ch = np.nonzero(np.floor(value + 0.5) != target)
+    if not len(ys):
+        return
+    target, value = target[ys, xs, ch], value[ys, xs, ch]
+    cols = np.stack([layer[ys, xs, ch] for layer in layers_u8]).astype(np.float64)  # layers x samples
+    alphas = [np.ones(len(ys))] + [layer[ys, xs, 3] / 255.0 for layer in layers_u8[1:]]
+    weights, above = [], np.ones(len(ys))
     for a in reversed(alphas):
         weights.insert(0, a * above)
         above = above * (1.0 - a)
-    weights = np.stack(weights)[..., None] * np.ones(3)  # n x H x W x 3
-
-    def composite():
-        return sum(w * c for w, c in zip(weights, cols))
-
+    weights = np.stack(weights)
     ranked = np.argsort(-weights, axis=0)
+    samples = np.arange(len(ys))
     for rank in range(min(2, len(layers_u8))):
-        value = composite()
-        wrong = np.floor(value + 0.5) != target
-        if not wrong.any():
-            break
-        for k in range(len(layers_u8)):
-            sel = wrong & (ranked[rank] == k) & (weights[k] > 0)
-            if not sel.any():
-                continue
-            w, c = weights[k][sel], cols[k][sel]
-            ideal = c + (target[sel] - value[sel]) / w
-            best = c.copy()
-            best_err = np.abs(target[sel] - value[sel])
-            for cand in (np.floor(ideal), np.ceil(ideal)):
-                err = np.abs(target[sel] - (value[sel] + w * (cand - c)))
-                ok = (cand >= 0) & (cand <= 255) & (err < best_err)
-                best, best_err = np.where(ok, cand, best), np.where(ok, err, best_err)
-            cols[k][sel] = best
-    for layer, c, a in zip(layers_u8, cols, alphas):
-        rgb = np.where(a[..., None] > 0, c, layer[..., :3])
-        layer[..., :3] = rgb.astype(np.uint8)
+        k = ranked[rank]
+        w, c = weights[k, samples], cols[k, samples]
+        err = target - value
+        todo = (np.floor(value + 0.5) != target) & (w > 0)
+        best, best_err = c.copy(), np.abs(err)
+        ideal = c + err / np.maximum(w, 1e-12)
+        for cand in (np.floor(ideal), np.ceil(ideal)):
+            cand_err = np.abs(err - w * (cand - c))
+            ok = todo & (cand >= 0) & (cand <= 255) & (cand_err < best_err)
+            best, best_err = np.where(ok, cand, best), np.where(ok, cand_err, best_err)
+        value = value + w * (best - c)
+        cols[k, samples] = best
+    for layer, c in zip(layers_u8, cols):
+        layer[ys, xs, ch] = c.astype(np.uint8)
 
 
 def _frame(shape):
