@@ -32,8 +32,9 @@ def register(subparsers) -> None:
         help="split a flat image into a clean background and RGBA instance layers (keeps shadows/glows)",
         description="Decompose a flat image into a completed background plus one RGBA layer per instance.\n"
                     "Shadows and glows stay in their object's layer; re-compositing the layers reproduces\n"
-                    "the input (the re-composite PSNR is printed). Without --box/--mask/--point the instances\n"
-                    "are found automatically (designs: background-model residual; photos: salient subject).",
+                    "the 8-bit input exactly (the re-composite PSNR is printed: 100 dB). Without --box/--mask/\n"
+                    "--point the instances are found automatically (designs: background-model residual;\n"
+                    "photos: salient subject).",
         epilog="examples:\n"
                "  layergen decompose photo.png -o layers.psd\n"
                "  layergen decompose poster.png -o layers.ora --box 10,20,64,48 --box 80,30,40,40\n"
