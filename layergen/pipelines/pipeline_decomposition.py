@@ -425,11 +425,11 @@ class DecompositionPipeline(DiffusionPipeline):
                     break
         stack = LayerStack(w, h, metadata={"pipeline": type(self).__name__})
         bg_u8 = np.floor(np.clip(current, 0, 1) * 255 + 0.5).astype(np.uint8)
-        absorb_rounding([bg_u8] + [l.pixels for l in reversed(peeled)], img)
         stack.add(Layer(bg_u8, name="background", metadata={"kind": "background"}))
         for k, layer in enumerate(reversed(peeled)):  # peeled top-first; the stack is bottom -> top
             layer.name = f"instance {k + 1}"
             stack.add(layer)
+        absorb_rounding(stack, img)
         value = psnr(stack.composite()[..., :3], img)
         stack.metadata["recomposite_psnr"] = value
         self.maybe_free_model_hooks()
@@ -438,40 +438,40 @@ class DecompositionPipeline(DiffusionPipeline):
         return out if return_dict else (stack, value)
 
 
-def absorb_rounding(layers_u8: list[np.ndarray], image: np.ndarray) -> None:
-    """Edit the colours of 8-bit layers (bottom -> top, [0] the opaque background) in place so that they
-    composite to `image` (float H x W x 3 on the 8-bit grid) wherever rounding made them miss it.
+def absorb_rounding(stack: LayerStack, image: np.ndarray) -> None:
+    """Edit the colours of the stack's layers in place so that `stack.composite()` equals `image` (float
+    H x W x 3 on the 8-bit grid) wherever rounding made it miss. The stack is the pipeline's own: full-canvas,
+    normal-blend layers over an opaque background.
 
     The peels solve the compositing equation in floats; rounding every layer's alpha and colour to
-    8 bits leaves the re-composite up to a level or two off. Per wrong pixel and channel, the layer
-    whose colour counts most there (weight = its alpha times the transparency of everything above)
-    takes the error: its colour moves by error / weight (a level or two) to whichever 8-bit neighbour
-    leaves the smallest error; if that would leave [0, 1], the next layer by weight tries.
-    Only the wrong samples are gathered, so a 16-megapixel stack costs one float image, not one per layer.
+    8 bits leaves the re-composite up to a level or two off. Per wrong pixel and channel (found by the
+    stack's own compositor), the layer whose colour counts most there (weight = its alpha times the
+    transparency of everything above) takes the error: its colour moves by error / weight (a level or two)
+    to whichever 8-bit neighbour leaves the smallest error; if that would leave [0, 1], the next layer by
+    weight tries. Only the wrong samples are gathered, so a large stack costs no float copy per layer.
     """
     target = np.floor(np.asarray(image, np.float64) * 255.0 + 0.5)
-    value = layers_u8[0][..., :3].astype(np.float64)
-    for layer in layers_u8[1:]:
-        a = layer[..., 3:4] / 255.0
-        value = a * layer[..., :3] + (1.0 - a) * value
-    ys, xs, ch = np.nonzero(np.floor(value + 0.5) != target)
+    ys, xs, ch = np.nonzero(stack.composite()[..., :3] != target)
     if not len(ys):
         return
-    target, value = target[ys, xs, ch], value[ys, xs, ch]
-    cols = np.stack([layer[ys, xs, ch] for layer in layers_u8]).astype(np.float64)  # layers x samples
-    alphas = [np.ones(len(ys))] + [layer[ys, xs, 3] / 255.0 for layer in layers_u8[1:]]
+    layers = [layer.pixels for layer in stack.layers]  # bottom -> top
+    target = target[ys, xs, ch]
+    cols = np.stack([px[ys, xs, ch] for px in layers]).astype(np.float64)  # layers x samples
+    alphas = [np.ones(len(ys))] + [px[ys, xs, 3] / 255.0 for px in layers[1:]]
     weights, above = [], np.ones(len(ys))
     for a in reversed(alphas):
         weights.insert(0, a * above)
         above = above * (1.0 - a)
     weights = np.stack(weights)
+    value = (weights * cols).sum(0)
     ranked = np.argsort(-weights, axis=0)
     samples = np.arange(len(ys))
-    for rank in range(min(2, len(layers_u8))):
+    wrong = np.ones(len(ys), bool)
+    for rank in range(min(2, len(layers))):
         k = ranked[rank]
         w, c = weights[k, samples], cols[k, samples]
         err = target - value
-        todo = (np.floor(value + 0.5) != target) & (w > 0)
+        todo = wrong & (w > 0)
         best, best_err = c.copy(), np.abs(err)
         ideal = c + err / np.maximum(w, 1e-12)
         for cand in (np.floor(ideal), np.ceil(ideal)):
@@ -480,8 +480,9 @@ def absorb_rounding(layers_u8: list[np.ndarray], image: np.ndarray) -> None:
             best, best_err = np.where(ok, cand, best), np.where(ok, cand_err, best_err)
         value = value + w * (best - c)
         cols[k, samples] = best
-    for layer, c in zip(layers_u8, cols):
-        layer[ys, xs, ch] = c.astype(np.uint8)
+        wrong = np.floor(value + 0.5) != target
+    for px, c in zip(layers, cols):
+        px[ys, xs, ch] = c.astype(np.uint8)
 
 
 def _frame(shape):

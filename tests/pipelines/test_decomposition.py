@@ -159,19 +159,14 @@ def test_absorb_rounding_makes_8_bit_layers_composite_to_the_image_exactly():
     def u8(x):
         return np.floor(x * 255 + 0.5).astype(np.uint8)
 
-    bg_u8 = np.concatenate([u8(bg), np.full((h, w, 1), 255, np.uint8)], -1)
-    tops = [u8(layer) for layer in layers]
-
-    def recomposite():
-        stack = LayerStack(w, h)
-        for px in [bg_u8] + tops:
-            stack.add(Layer(px.copy()))
-        return stack.composite()[..., :3]
-
-    before = recomposite()
-    assert (before != u8(image)).any()  # rounding alone misses the image
+    stack = LayerStack(w, h)
+    stack.add(Layer(np.concatenate([u8(bg), np.full((h, w, 1), 255, np.uint8)], -1)))
+    for layer in layers:
+        stack.add(Layer(u8(layer)))
+    assert (stack.composite()[..., :3] != u8(image)).any()  # rounding alone misses the image
+    tops = [layer.pixels for layer in stack.layers[1:]]
     alphas = [t[..., 3].copy() for t in tops]
-    absorb_rounding([bg_u8] + tops, image)
-    assert np.array_equal(recomposite(), u8(image))
+    absorb_rounding(stack, image)
+    assert np.array_equal(stack.composite()[..., :3], u8(image))
     assert all(np.array_equal(t[..., 3], a) for t, a in zip(tops, alphas))  # only colours move
     assert max(np.abs(t[..., :3].astype(int) - u8(l)[..., :3]).max() for t, l in zip(tops, layers)) <= 8
