@@ -42,7 +42,8 @@ def register(subparsers) -> None:
                "  layergen decompose scene.png -o layers.psd --learned   # the learned mini decomposer",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, WebP, TIFF...; gray, RGB, 16-bit ok)")
+    p.add_argument("image", metavar="IMAGE",
+                   help="input image (PNG, JPEG, WebP, TIFF...; gray, RGB, 16-bit ok; .psd/.ora/.zip: their composite)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output: .psd, .ora, .zip, or a folder (PNG stack); format from the extension")
     p.add_argument("--box", type=_box, action="append", metavar="X,Y,W,H",

@@ -59,27 +59,34 @@ def load_image(image) -> np.ndarray:
 
     Grayscale becomes RGB, 16-bit is scaled to 8-bit precision, an opaque alpha
     channel is dropped; a transparent image is flattened over white (its alpha
-    is not a layer structure we could respect).
+    is not a layer structure we could respect). A layered document (.psd, .ora,
+    .zip) is read with `layergen.layers.formats` and its composite decomposed:
+    PIL reads a PSD's merged image, which psd-tools writes fully transparent.
     """
     from PIL import Image
 
-    if isinstance(image, LayerStack):
-        image = image.composite()
+    from ..layers.formats import FORMATS, load
+
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         from pathlib import Path
 
         path = Path(image)
         if not path.is_file():
             raise LayergenError(f"{path}: no such image file")
-        try:
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:  # before decoding: a huge file must not fill memory
-                    raise LayergenError(f"{path} is {im.width}x{im.height}; the limit is "
-                                        f"{MAX_PIXELS // 1_000_000} megapixels — downscale it first")
-                im.load()
-                image = im.copy()
-        except (OSError, Image.DecompressionBombError) as exc:
-            raise LayergenError(f"{path}: cannot read image ({exc})") from None
+        if any(f.layered and path.suffix.lower() in f.extensions for f in FORMATS.values()):
+            image = load(path)
+        else:
+            try:
+                with Image.open(path) as im:
+                    if im.width * im.height > MAX_PIXELS:  # before decoding: a huge file must not fill memory
+                        raise LayergenError(f"{path} is {im.width}x{im.height}; the limit is "
+                                            f"{MAX_PIXELS // 1_000_000} megapixels — downscale it first")
+                    im.load()
+                    image = im.copy()
+            except (OSError, Image.DecompressionBombError) as exc:
+                raise LayergenError(f"{path}: cannot read image ({exc})") from None
+    if isinstance(image, LayerStack):
+        image = image.composite()
     if isinstance(image, Image.Image):
         if image.width * image.height > MAX_PIXELS:
             raise LayergenError(f"image is {image.width}x{image.height}; the limit is {MAX_PIXELS // 1_000_000} "

@@ -105,6 +105,25 @@ def test_input_handling():
         load_image(huge)
 
 
+
+@pytest.mark.parametrize("suffix", [".psd", ".ora", ".zip"])
+def test_layered_documents_are_decomposed_from_their_composite(pipe, tmp_path, suffix):
+    from layergen.layers import Layer, LayerStack
+    from layergen.layers.formats import save
+
+    sc = make_scene(3, 64, num_objects=1)
+    stack = LayerStack(64, 64)
+    stack.add(Layer(np.concatenate([sc.background, np.full((64, 64, 1), 255, np.uint8)], -1)))
+    stack.add(Layer(sc.objects[0].rgba))
+    path = save(stack, tmp_path / f"scene{suffix}")
+    loaded = load_image(path)
+    assert np.array_equal(np.floor(loaded * 255 + 0.5).astype(np.uint8), stack.composite()[..., :3])
+    out = pipe(path, boxes=boxes_of(sc))  # PIL reads a PSD's merged image as fully transparent: nothing to find
+    assert len(out.stack) == 2 and out.psnr == 100.0
+    (tmp_path / "broken.psd").write_bytes(b"not a psd")
+    with pytest.raises(LayergenError):
+        load_image(tmp_path / "broken.psd")
+
 def test_bad_guidance(pipe):
     img = np.zeros((32, 32, 3), np.uint8)
     with pytest.raises(LayergenError, match="at most one kind"):
