@@ -63,6 +63,58 @@ def resume_step(accelerator, output_dir, resume_from: str | None) -> int:
     return int(m.group(1))
 
 
+def add_training_args(parser, *, train_batch_size: int, max_train_steps: int, learning_rate: float,
+                      lr_warmup_steps: int, checkpointing_steps: int = 250, validation_steps: int = 500,
+                      checkpoints_total_limit: int = 2, ema_decay: float | None = 0.995) -> None:
+    """The optimisation, checkpoint and logging flags the training scripts share, named as in diffusers
+    examples/; each script passes its own defaults. `ema_decay=None`: the script keeps no EMA."""
+    p = parser
+    p.add_argument("--train_batch_size", type=int, default=train_batch_size)
+    p.add_argument("--max_train_steps", type=int, default=max_train_steps)
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
+    p.add_argument("--lr_warmup_steps", type=int, default=lr_warmup_steps)
+    if ema_decay is not None:
+        p.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is what is saved.")
+        p.add_argument("--ema_decay", type=float, default=ema_decay)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
+    p.add_argument("--checkpoints_total_limit", type=int, default=checkpoints_total_limit)
+    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder.")
+    p.add_argument("--validation_steps", type=int, default=validation_steps)
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--report_to", default=None, help='"tensorboard", "wandb", ... (needs the package).')
+    p.add_argument("--seed", type=int, default=0)
+
+
+def start_accelerator(args, project: str):
+    """An `Accelerator` from the shared flags, with the `--report_to` trackers started (flags logged as config)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, log_with=args.report_to)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.report_to:
+        accelerator.init_trackers(project, config={k: str(v) for k, v in vars(args).items()})
+    return accelerator
+
+
+def finish_step(accelerator, args, output_dir, global_step: int, progress, losses: dict, ema=None,
+                model=None) -> int:
+    """Bookkeeping once an optimizer step has synced gradients: EMA update, step count, progress bar and
+    tracker logs (losses averaged over processes), rotating checkpoint. Returns the new step count."""
+    if ema is not None:
+        ema.step(model.parameters())
+    global_step += 1
+    logs = {k: accelerator.gather(v.detach().float().reshape(-1)).mean().item() for k, v in losses.items()}
+    progress.update(1)
+    progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+    accelerator.log(logs, step=global_step)
+    if global_step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+    return global_step
+
+
 def optimizer_step(accelerator, params, optimizer, lr_scheduler, max_grad_norm: float) -> None:
     """The tail of an `accelerator.accumulate` block: clip on the step that syncs gradients, then step and zero."""
     if accelerator.sync_gradients:

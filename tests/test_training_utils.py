@@ -1,8 +1,13 @@
+import argparse
+import io
+
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
 
-from layergen.training_utils import averaged_copy, optimizer_step
+from layergen.training_utils import add_training_args, averaged_copy, finish_step, optimizer_step, start_accelerator
 
 
 def test_averaged_copy_carries_ema_weights_and_leaves_the_model_alone():
@@ -39,3 +44,61 @@ def test_optimizer_step_clips_steps_schedules_and_zeroes():
     assert torch.allclose(p.detach(), torch.full((4,), -0.5), atol=1e-5)
     assert p.grad is None or not p.grad.any()
     assert opt.param_groups[0]["lr"] == 0.5
+
+
+class _RecordingTracker(GeneralTracker):
+    """An in-memory `--report_to` target: what a user's tensorboard/wandb run would receive."""
+
+    name = "recording"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self):
+        super().__init__()
+        self.config, self.logged = None, []
+
+    @property
+    def tracker(self):
+        return self
+
+    def store_init_configuration(self, values):
+        self.config = values
+
+    def log(self, values, step=None, **kwargs):
+        self.logged.append((step, values))
+
+
+def test_shared_flags_start_trackers_and_finish_step_logs_counts_and_checkpoints(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_training_args(parser, train_batch_size=3, max_train_steps=7, learning_rate=1e-3, lr_warmup_steps=2,
+                      checkpointing_steps=2, validation_steps=5, checkpoints_total_limit=1)
+    args = parser.parse_args(["--use_ema"])
+    assert (args.train_batch_size, args.max_train_steps, args.checkpointing_steps, args.validation_steps) == (3, 7, 2, 5)
+    assert args.use_ema and args.ema_decay == 0.995 and args.max_grad_norm == 1.0
+    no_ema = argparse.ArgumentParser()
+    add_training_args(no_ema, train_batch_size=1, max_train_steps=1, learning_rate=1.0, lr_warmup_steps=0,
+                      ema_decay=None)
+    assert not hasattr(no_ema.parse_args([]), "use_ema")
+
+    tracker = _RecordingTracker()
+    args.report_to = tracker
+    accelerator = start_accelerator(args, "unit")
+    assert tracker.config["train_batch_size"] == "3"  # the run's flags reach the tracker as its config
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    ema = EMAModel(model.parameters(), decay=0.5)
+    progress = tqdm(total=args.max_train_steps, file=io.StringIO())
+    step = 0
+    for k in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        step = finish_step(accelerator, args, tmp_path, step, progress, {"loss": torch.tensor([1.0, 3.0 + k])},
+                           ema, model)
+    assert step == 3 and progress.n == 3
+    assert [s for s, _ in tracker.logged] == [1, 2, 3]
+    assert [v["loss"] for _, v in tracker.logged] == [2.0, 2.5, 3.0]  # averaged over the batch (and processes)
+    assert ema.optimization_step == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]  # every 2nd step, rotated to the limit of 1

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
@@ -36,8 +35,8 @@ from tqdm.auto import tqdm
 
 from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure,
                                    subject_caption)
-from layergen.training_utils import (averaged_copy, embed_texts, load_text_encoder, optimizer_step, resume_step,
-                                     save_checkpoint, save_image_grid)
+from layergen.training_utils import (add_training_args, averaged_copy, embed_texts, finish_step, load_text_encoder,
+                                     optimizer_step, resume_step, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -74,22 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--attention_head_dim", type=int, default=8)
     p.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction"])
     p.add_argument("--min_snr_gamma", type=float, default=5.0, help="0 disables min-SNR weighting.")
-    p.add_argument("--train_batch_size", type=int, default=32)
-    p.add_argument("--max_train_steps", type=int, default=3000)
-    p.add_argument("--learning_rate", type=float, default=5e-4)
-    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    add_training_args(p, train_batch_size=32, max_train_steps=3000, learning_rate=5e-4,
+                      lr_warmup_steps=100, checkpointing_steps=250, validation_steps=500, ema_decay=0.995)
     p.add_argument("--caption_dropout", type=float, default=0.1)
-    p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--checkpointing_steps", type=int, default=250)
-    p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None)
-    p.add_argument("--validation_steps", type=int, default=500)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--report_to", default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not 0 < args.num_samples < HELDOUT_SEED_START:
         p.error("--num_samples must be positive and below the held-out seed range")
@@ -181,9 +167,7 @@ def save_pipeline(args, unet, vae, tokenizer, text_path, scheduler_config, dest:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.report_to)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_action_base")
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,13 +222,7 @@ def main(argv=None):
             accelerator.backward(loss)
             optimizer_step(accelerator, unet.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
-            if ema is not None:
-                ema.step(unet.parameters())
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{accelerator.gather(per.detach()).mean().item():.4f}")
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": per}, ema, unet)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(eval_unet, vae, tokenizer, text_encoder, noise_scheduler.config,

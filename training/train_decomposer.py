@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import EMAModel
@@ -41,8 +40,8 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.learned import LayerDecomposer, decode_rgb, encode_layer, encode_rgb, \
     save_decomposition_pipeline
 from layergen.layers import Layer, LayerStack
-from layergen.training_utils import (averaged_copy, optimizer_step, resume_step, rgba_preview, save_checkpoint,
-                                     save_image_grid)
+from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, resume_step,
+                                     rgba_preview, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -63,25 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--attention_levels", type=int, nargs="+", default=None,
                    help="1/0 per block (default: attention only in the lowest-resolution block; CPU-friendly)")
     p.add_argument("--norm_num_groups", type=int, default=16)
-    p.add_argument("--train_batch_size", type=int, default=32)
-    p.add_argument("--max_train_steps", type=int, default=6000)
-    p.add_argument("--learning_rate", type=float, default=4e-4)
-    p.add_argument("--lr_warmup_steps", type=int, default=200)
+    add_training_args(p, train_batch_size=32, max_train_steps=6000, learning_rate=4e-4,
+                      lr_warmup_steps=200, checkpointing_steps=500, validation_steps=1000, ema_decay=0.995)
     p.add_argument("--consistency_weight", type=float, default=0.1)
     p.add_argument("--consistency_every", type=int, default=4, help="Apply the pixel-space loss every N steps.")
     p.add_argument("--consistency_batch", type=int, default=4)
-    p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None)
-    p.add_argument("--validation_steps", type=int, default=1000)
     p.add_argument("--num_validation", type=int, default=4)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--report_to", default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.num_samples >= HELDOUT_SEED_START:
         p.error(f"--num_samples must stay below the held-out seeds ({HELDOUT_SEED_START})")
@@ -187,9 +173,7 @@ def log_validation(args, model, vae, codec, scheduler_config, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.report_to)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_decomposer")
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,13 +242,7 @@ def main(argv=None):
             accelerator.backward(loss)
             optimizer_step(accelerator, model.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
-            if ema is not None:
-                ema.step(model.parameters())
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{accelerator.gather(loss.detach()).mean().item():.4f}")
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema, model)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 eval_model = averaged_copy(accelerator, model, ema)
                 iou = log_validation(args, eval_model, vae, decoder, noise_scheduler.config,

@@ -26,15 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.matte_net import LayerMatteNet
-from layergen.training_utils import (averaged_copy, optimizer_step, resume_step, rgba_preview, save_checkpoint,
-                                     save_image_grid)
+from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, resume_step,
+                                     rgba_preview, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 VALIDATION_SEED_START = HELDOUT_SEED_START + 500_000  # held out, and apart from the benchmark's seeds
@@ -48,24 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128, 192])
     p.add_argument("--layers_per_block", type=int, default=1)
     p.add_argument("--box_jitter", type=int, default=2, help="max px each box side moves in training")
-    p.add_argument("--train_batch_size", type=int, default=12)
-    p.add_argument("--max_train_steps", type=int, default=4000)
-    p.add_argument("--learning_rate", type=float, default=5e-4)
-    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    add_training_args(p, train_batch_size=12, max_train_steps=4000, learning_rate=5e-4,
+                      lr_warmup_steps=100, checkpointing_steps=250, validation_steps=500, ema_decay=0.995)
     p.add_argument("--iou_weight", type=float, default=1.0)
     p.add_argument("--colour_weight", type=float, default=0.5)
-    p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--checkpointing_steps", type=int, default=250)
-    p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None)
-    p.add_argument("--validation_steps", type=int, default=500)
     p.add_argument("--num_validation", type=int, default=48, help="held-out scenes scored at each validation")
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--report_to", default=None)
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -135,9 +121,7 @@ def validate(model, args, path=None) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.report_to)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_layer_matte")
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,13 +158,7 @@ def main(argv=None):
             accelerator.backward(loss)
             optimizer_step(accelerator, model.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
-            if ema is not None:
-                ema.step(model.parameters())
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{accelerator.gather(loss.detach()).mean().item():.4f}")
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema, model)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 eval_model = averaged_copy(accelerator, model, ema)
                 iou = validate(eval_model, args, out / f"validation-{global_step}.png")

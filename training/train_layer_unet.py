@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -37,8 +36,8 @@ from tqdm.auto import tqdm
 
 from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_scene
 from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder, encode_rgba
-from layergen.training_utils import (averaged_copy, embed_texts, load_text_encoder, optimizer_step, resume_step,
-                                     rgba_preview, save_checkpoint, save_image_grid)
+from layergen.training_utils import (add_training_args, averaged_copy, embed_texts, finish_step, load_text_encoder,
+                                     optimizer_step, resume_step, rgba_preview, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--layers_per_block", type=int, default=1)
     p.add_argument("--attention_head_dim", type=int, default=8)
     p.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction"])
-    p.add_argument("--train_batch_size", type=int, default=32)
-    p.add_argument("--max_train_steps", type=int, default=4000)
-    p.add_argument("--learning_rate", type=float, default=5e-4)
-    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    add_training_args(p, train_batch_size=32, max_train_steps=4000, learning_rate=5e-4,
+                      lr_warmup_steps=100, checkpointing_steps=250, validation_steps=500, ema_decay=0.995)
     p.add_argument("--lr_scheduler", default="constant", choices=["constant", "cosine", "linear"],
                    help="After warm-up: hold the rate, or decay it to zero by --max_train_steps (a final "
                         "annealing phase from --init_unet).")
@@ -76,17 +73,6 @@ def parse_args(argv=None):
     p.add_argument("--condition_dropout", type=float, default=0.15,
                    help="Zero the condition latent of tasks 1/2 this often, so e.g. a background can come from "
                         "text alone (the multi-layer pipeline starts that way).")
-    p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--checkpointing_steps", type=int, default=250)
-    p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None)
-    p.add_argument("--validation_steps", type=int, default=500)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--report_to", default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.num_samples + HELDOUT_SEED_START > 2 * HELDOUT_SEED_START or args.num_samples < 1:
         p.error("--num_samples must be positive and below the held-out seed range")
@@ -195,9 +181,7 @@ def save_pipeline(args, unet, vae, tokenizer, text_path, encoder, decoder, sched
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.report_to)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_layer_unet")
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,13 +237,7 @@ def main(argv=None):
             accelerator.backward(loss)
             optimizer_step(accelerator, unet.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
-            if ema is not None:
-                ema.step(unet.parameters())
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{accelerator.gather(loss.detach()).mean().item():.4f}")
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema, unet)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(args, eval_unet, vae, tokenizer, text_encoder, encoder, decoder,

@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
@@ -47,7 +46,8 @@ from layergen.layers.compositing import composite_layers
 from layergen.layout import Box
 from layergen.models.transparent_codec import encode_rgba
 from layergen.pipelines.pipeline_multilayer import crop_pixels, region_crop, resize_rgba
-from layergen.training_utils import averaged_copy, optimizer_step, resume_step, save_checkpoint, save_image_grid
+from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, resume_step,
+                                     save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -66,24 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--min_region_size", type=int, default=None,
                    help="Crops smaller than this are trained upsampled to it, as the pipeline denoises them "
                         "(default: --resolution, the pipeline's default for the mini; 0 = native crop sizes).")
-    p.add_argument("--train_batch_size", type=int, default=32)
-    p.add_argument("--max_train_steps", type=int, default=1500)
-    p.add_argument("--learning_rate", type=float, default=5e-5)
-    p.add_argument("--lr_warmup_steps", type=int, default=50)
+    add_training_args(p, train_batch_size=32, max_train_steps=1500, learning_rate=5e-5,
+                      lr_warmup_steps=50, checkpointing_steps=250, validation_steps=250, ema_decay=0.999)
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--condition_dropout", type=float, default=0.05)
-    p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--checkpointing_steps", type=int, default=250)
-    p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None)
-    p.add_argument("--validation_steps", type=int, default=250)
     p.add_argument("--validation_inference_steps", type=int, default=20)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--report_to", default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.min_region_size is None:
         args.min_region_size = args.resolution
@@ -254,9 +241,7 @@ def save_pipeline(pipe, unet, src: Path, dest: Path):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.report_to)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_multilayer")
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,13 +292,7 @@ def main(argv=None):
             accelerator.backward(loss)
             optimizer_step(accelerator, unet.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
-            if ema is not None:
-                ema.step(unet.parameters())
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{accelerator.gather(loss.detach()).mean().item():.4f}")
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema, unet)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(pipe, eval_unet, out / f"validation-{global_step}.png",

@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
@@ -52,7 +51,8 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_sce
 from layergen.models.transparent_codec import (
     MINI_DECODER_CONFIG, MINI_ENCODER_CONFIG, TransparentDecoder, TransparentEncoder, premultiply_on_grey,
     vae_scale_factor)
-from layergen.training_utils import optimizer_step, resume_step, rgba_preview, save_checkpoint, save_image_grid
+from layergen.training_utils import (add_training_args, finish_step, optimizer_step, resume_step, rgba_preview,
+                                     save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -110,23 +110,12 @@ def parse_args(argv=None):
                         "diffusion model was tuned against (an RGB-only fine-tune made generated alpha hazier).")
     p.add_argument("--backprop_through_vae", action="store_true",
                    help="Let gradients reach the encoder through the frozen VAE decoder too (slower).")
-    p.add_argument("--train_batch_size", type=int, default=8)
-    p.add_argument("--max_train_steps", type=int, default=1500)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--lr_warmup_steps", type=int, default=50)
+    add_training_args(p, train_batch_size=8, max_train_steps=1500, learning_rate=1e-3,
+                      lr_warmup_steps=50, checkpointing_steps=250, validation_steps=250, ema_decay=None)
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--checkpointing_steps", type=int, default=250)
-    p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder.")
-    p.add_argument("--validation_steps", type=int, default=250)
     p.add_argument("--num_validation_images", type=int, default=4)
     p.add_argument("--validation_tta", action="store_true", help="Use the 8-pass TTA for validation previews.")
     p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--report_to", default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.freeze_encoder and not args.pretrained_codec:
         p.error("--freeze_encoder needs --pretrained_codec (a trained encoder to keep)")
@@ -297,9 +286,7 @@ def log_validation(vae, encoder, decoder, val_set, path, tta=False):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.report_to)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_transparent_vae")
     set_seed(args.seed)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -358,8 +345,6 @@ def main(argv=None):
             full_set, batch_size=full_bs, shuffle=True, num_workers=args.dataloader_num_workers, drop_last=True,
             generator=torch.Generator().manual_seed(args.seed + 1)))
     full_from = args.max_train_steps - args.final_full_res_steps
-    if accelerator.is_main_process and args.report_to:
-        accelerator.init_trackers("train_transparent_vae", config={k: str(v) for k, v in vars(args).items()})
 
     global_step = resume_step(accelerator, out, args.resume_from_checkpoint)
     # Continue with unseen samples after a resume instead of replaying the first batches.
@@ -397,14 +382,8 @@ def main(argv=None):
             accelerator.backward(loss)
             optimizer_step(accelerator, params, optimizer, scheduler, args.max_grad_norm)
         if accelerator.sync_gradients:
-            global_step += 1
-            progress.update(1)
-            logs = accelerator.gather(torch.stack([loss, l_alpha, l_rgb, l_comp]).detach()[None]).mean(0).tolist()
-            logs = dict(zip(("loss", "alpha", "rgb", "composite"), logs))
-            progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            global_step = finish_step(accelerator, args, out, global_step, progress,
+                                      {"loss": loss, "alpha": l_alpha, "rgb": l_rgb, "composite": l_comp})
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 mae = log_validation(vae, accelerator.unwrap_model(encoder), accelerator.unwrap_model(decoder),
                                      val_set, out / "validation" / f"step-{global_step:06d}.png",
