@@ -99,6 +99,31 @@ def start_accelerator(args, project: str):
     return accelerator
 
 
+def prepare_training(accelerator, args, model, output_dir, lr_scheduler=None, weight_decay: float = 1e-2):
+    """The set-up the UNet-style scripts share: an EMA of `model` (with --use_ema; saved in checkpoints), AdamW,
+    a learning-rate schedule, `accelerator.prepare`, then resume. Returns
+    (model, optimizer, lr_scheduler, ema, global_step).
+
+    A prepared scheduler steps once per process per optimisation step (diffusers convention), so schedules
+    are built in process-scaled steps: the warm-up lasts --lr_warmup_steps optimisation steps on any number
+    of GPUs. `lr_scheduler(optimizer, num_processes)` replaces the default (linear warm-up, then constant).
+    """
+    import torch
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model),
+                   model_config=model.config) if args.use_ema else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=weight_decay)
+    n = accelerator.num_processes
+    schedule = (lr_scheduler(optimizer, n) if lr_scheduler is not None else
+                get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * n))
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    return model, optimizer, schedule, ema, resume_step(accelerator, output_dir, args.resume_from_checkpoint)
+
+
 def finish_step(accelerator, args, output_dir, global_step: int, progress, losses: dict, ema=None,
                 model=None) -> int:
     """Bookkeeping once an optimizer step has synced gradients: EMA update, step count, progress bar and

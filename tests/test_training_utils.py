@@ -4,10 +4,12 @@ import io
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
+from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from layergen.training_utils import add_training_args, averaged_copy, finish_step, optimizer_step, start_accelerator
+from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
+                                     start_accelerator)
 
 
 def test_averaged_copy_carries_ema_weights_and_leaves_the_model_alone():
@@ -102,3 +104,46 @@ def test_shared_flags_start_trackers_and_finish_step_logs_counts_and_checkpoints
     assert [v["loss"] for _, v in tracker.logged] == [2.0, 2.5, 3.0]  # averaged over the batch (and processes)
     assert ema.optimization_step == 3
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]  # every 2nd step, rotated to the limit of 1
+
+
+class _TwoProcessAccelerator:
+    """Just what prepare_training asks of an accelerator, posing as one of 2 processes (no real launch)."""
+
+    num_processes = 2
+
+    def __init__(self):
+        self.registered = []
+
+    def prepare(self, *objs):
+        return objs
+
+    def register_for_checkpointing(self, obj):
+        self.registered.append(obj)
+
+
+def _lr_per_optimisation_step(optimizer, schedule, num_processes, steps):
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        for _ in range(num_processes):  # a prepared scheduler steps once per process per optimisation step
+            schedule.step()
+    return out
+
+
+def test_prepare_training_warms_up_over_the_same_optimisation_steps_on_any_process_count():
+    args = argparse.Namespace(use_ema=True, ema_decay=0.9, learning_rate=1.0, lr_warmup_steps=4,
+                              resume_from_checkpoint=None)
+    for accelerator in (Accelerator(cpu=True), _TwoProcessAccelerator()):
+        model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,),
+                            down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), layers_per_block=1,
+                            norm_num_groups=4)
+        model, optimizer, schedule, ema, step = prepare_training(accelerator, args, model, "unused")
+        assert step == 0
+        assert ema.decay == 0.9 and ema.model_cls is UNet2DModel  # saved EMA weights reload as the model's class
+        if isinstance(accelerator, _TwoProcessAccelerator):
+            assert accelerator.registered == [ema]  # the EMA is checkpointed and resumed with the run
+            lrs = _lr_per_optimisation_step(optimizer, schedule, 2, 7)
+        else:
+            lrs = _lr_per_optimisation_step(optimizer, schedule, 1, 7)
+        assert lrs == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure,
                                    subject_caption)
 from layergen.training_utils import (add_training_args, averaged_copy, embed_texts, finish_step, load_text_encoder,
-                                     optimizer_step, resume_step, save_image_grid, start_accelerator)
+                                     optimizer_step, prepare_training, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +185,7 @@ def main(argv=None):
         unet = build_unet(args, text_encoder.config.hidden_size, vae.config.latent_channels, args.resolution // f)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                     beta_end=0.012, prediction_type=args.prediction_type, clip_sample=False)
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
-                   model_config=unet.config) if args.use_ema else None
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=1e-2)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
-    unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    global_step = resume_step(accelerator, out, args.resume_from_checkpoint)
+    unet, optimizer, lr_sched, ema, global_step = prepare_training(accelerator, args, unet, out)
 
     gen = torch.Generator().manual_seed(args.seed * 1000 + global_step * accelerator.num_processes
                                         + accelerator.process_index)

@@ -33,14 +33,13 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.learned import LayerDecomposer, decode_rgb, encode_layer, encode_rgb, \
     save_decomposition_pipeline
 from layergen.layers import Layer, LayerStack
-from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, resume_step,
+from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
                                      rgba_preview, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
@@ -194,14 +193,7 @@ def main(argv=None):
     model = build_model(args, vae.config.latent_channels, args.resolution // f, f)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                     prediction_type="v_prediction", clip_sample=False)
-    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=LayerDecomposer,
-                   model_config=model.config) if args.use_ema else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-2)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
-    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    global_step = resume_step(accelerator, out, args.resume_from_checkpoint)
+    model, optimizer, lr_sched, ema, global_step = prepare_training(accelerator, args, model, out)
 
     gen = torch.Generator().manual_seed(args.seed * 1000 + global_step * accelerator.num_processes
                                         + accelerator.process_index)

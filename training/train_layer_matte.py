@@ -27,12 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.matte_net import LayerMatteNet
-from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, resume_step,
+from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
                                      rgba_preview, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
@@ -119,6 +118,18 @@ def validate(model, args, path=None) -> float:
     return float(np.mean(ious))
 
 
+def cosine_to_tenth(optimizer, args, num_processes: int = 1):
+    """Linear warm-up, then a cosine from the full rate down to a tenth of it at --max_train_steps (a floor
+    that keeps a resumed run learning). In optimisation steps: a prepared scheduler steps once per process."""
+    warm, total = args.lr_warmup_steps, args.max_train_steps
+
+    def factor(s):
+        s //= num_processes
+        return min(1.0, (s + 1) / max(1, warm)) * (
+            0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, total - warm)))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def main(argv=None):
     args = parse_args(argv)
     accelerator = start_accelerator(args, "train_layer_matte")
@@ -128,16 +139,8 @@ def main(argv=None):
 
     model = LayerMatteNet(sample_size=args.resolution, patch_size=args.patch_size,
                           block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block)
-    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=LayerMatteNet,
-                   model_config=model.config) if args.use_ema else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-2)
-    warm, total = args.lr_warmup_steps, args.max_train_steps
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warm)) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, total - warm))))))
-    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    global_step = resume_step(accelerator, out, args.resume_from_checkpoint)
+    model, optimizer, lr_sched, ema, global_step = prepare_training(
+        accelerator, args, model, out, lr_scheduler=lambda opt, n: cosine_to_tenth(opt, args, n))
 
     # each process draws its own scenes; a resumed run continues the stream instead of repeating it
     rng = np.random.default_rng([args.seed, global_step, accelerator.process_index])

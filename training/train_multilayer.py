@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_scene
@@ -46,7 +45,7 @@ from layergen.layers.compositing import composite_layers
 from layergen.layout import Box
 from layergen.models.transparent_codec import encode_rgba
 from layergen.pipelines.pipeline_multilayer import crop_pixels, region_crop, resize_rgba
-from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, resume_step,
+from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
                                      save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
@@ -259,14 +258,7 @@ def main(argv=None):
                                     beta_schedule=sched_cfg.beta_schedule, beta_start=sched_cfg.beta_start,
                                     beta_end=sched_cfg.beta_end, prediction_type=sched_cfg.prediction_type,
                                     clip_sample=False)
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
-                   model_config=unet.config) if args.use_ema else None
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=1e-2)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
-    unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    global_step = resume_step(accelerator, out, args.resume_from_checkpoint)
+    unet, optimizer, lr_sched, ema, global_step = prepare_training(accelerator, args, unet, out)
 
     gen = torch.Generator().manual_seed(args.seed * 1000 + global_step * accelerator.num_processes
                                         + accelerator.process_index)
