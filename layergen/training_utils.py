@@ -124,16 +124,18 @@ def prepare_training(accelerator, args, model, output_dir, lr_scheduler=None, we
     return model, optimizer, schedule, ema, resume_step(accelerator, output_dir, args.resume_from_checkpoint)
 
 
-def finish_step(accelerator, args, output_dir, global_step: int, progress, losses: dict, ema=None,
-                model=None) -> int:
-    """Bookkeeping once an optimizer step has synced gradients: EMA update, step count, progress bar and
-    tracker logs (losses averaged over processes), rotating checkpoint. Returns the new step count."""
+def finish_step(accelerator, args, output_dir, global_step: int, progress, logs: dict, ema=None,
+                params=None) -> int:
+    """Bookkeeping once an optimizer step has synced gradients: EMA update of `params`, step count, progress bar
+    and tracker logs (tensors averaged over processes, plain numbers such as the learning rate as they are),
+    rotating checkpoint. Returns the new step count."""
     if ema is not None:
-        ema.step(model.parameters())
+        ema.step(params)
     global_step += 1
-    logs = {k: accelerator.gather(v.detach().float().reshape(-1)).mean().item() for k, v in losses.items()}
+    logs = {k: v if isinstance(v, (int, float)) else accelerator.gather(v.detach().float().reshape(-1)).mean().item()
+            for k, v in logs.items()}
     progress.update(1)
-    progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+    progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
     accelerator.log(logs, step=global_step)
     if global_step % args.checkpointing_steps == 0:
         save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)

@@ -213,7 +213,8 @@ def main(argv=None):
             accelerator.backward(loss)
             optimizer_step(accelerator, unet.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
-            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": per}, ema, unet)
+            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": per}, ema,
+                                      unet.parameters())
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(eval_unet, vae, tokenizer, text_encoder, noise_scheduler.config,

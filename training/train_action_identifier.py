@@ -50,7 +50,7 @@ from layergen.errors import LayergenError
 from layergen.models.action_identifier import (ActionIdentifier, GradientInvarianceMasker, identifier_masks,
                                                input_embedding_override, install_identifier_processors,
                                                limit_row_norms, masked_step, substitute_identifiers)
-from layergen.training_utils import resume_step, save_checkpoint, save_image_grid
+from layergen.training_utils import finish_step, resume_step, save_image_grid
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -451,11 +451,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
             limit_row_norms(ident.embeddings, max_norms, keep)
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
-        global_step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss[:2 * b].mean().item():.4f}")
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+        global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss[:2 * b]})
         if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
             log_validation(args, pipe, ident, out / f"validation-{global_step}.png")
 

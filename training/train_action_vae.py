@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from layergen.data.figures import HELDOUT_SEED_START, make_figure
-from layergen.training_utils import resume_step, save_checkpoint, save_image_grid
+from layergen.training_utils import finish_step, resume_step, save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +113,7 @@ def main(argv=None):
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
-        if step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, out, step, args.checkpoints_total_limit)
+        step = finish_step(accelerator, args, out, step, progress, {"loss": loss})
         if accelerator.is_main_process and step % args.validation_steps == 0:
             psnr = log_validation(accelerator.unwrap_model(model).vae, val, out / f"validation-{step}.png")
             accelerator.print(f"step {step}: held-out PSNR {psnr:.2f} dB")

@@ -234,7 +234,8 @@ def main(argv=None):
             accelerator.backward(loss)
             optimizer_step(accelerator, model.parameters(), optimizer, lr_sched, args.max_grad_norm)
         if accelerator.sync_gradients:
-            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema, model)
+            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema,
+                                      model.parameters())
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 eval_model = averaged_copy(accelerator, model, ema)
                 iou = log_validation(args, eval_model, vae, decoder, noise_scheduler.config,

@@ -45,7 +45,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from layergen.training_utils import optimizer_step, resume_step, rgba_preview, save_checkpoint, save_image_grid
+from layergen.training_utils import finish_step, optimizer_step, resume_step, rgba_preview, save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -554,15 +554,8 @@ def main(argv=None):
                 optimizer_step(accelerator, params, optimizer, lr_scheduler, args.max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
-            if ema is not None:
-                ema.step(params)
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            global_step = finish_step(accelerator, args, out, global_step, progress,
+                                      {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}, ema, params)
             if (args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0
                     and accelerator.is_main_process):
                 if ema is not None:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from layergen.data.figures import ACTIONS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure
 from layergen.models.figure_classifier import FigureClassifier
-from layergen.training_utils import resume_step, save_checkpoint
+from layergen.training_utils import finish_step, resume_step
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +180,7 @@ def main(argv=None):
         optimizer.step()
         sched.step()
         optimizer.zero_grad()
-        step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        if step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, out, step, args.checkpoints_total_limit)
+        step = finish_step(accelerator, args, out, step, progress, {"loss": loss})
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

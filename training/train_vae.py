@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from layergen.data.datasets import SceneImageDataset
 from layergen.data.scenes import HELDOUT_SEED_START
-from layergen.training_utils import optimizer_step, resume_step, save_checkpoint, save_image_grid
+from layergen.training_utils import finish_step, optimizer_step, resume_step, save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +152,7 @@ def main(argv=None):
             accelerator.backward(loss)
             optimizer_step(accelerator, model.parameters(), optimizer, scheduler, args.max_grad_norm)
         if accelerator.sync_gradients:
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{accelerator.gather(loss.detach()).mean().item():.4f}")
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
+            global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss})
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 psnr = log_validation(accelerator.unwrap_model(model).vae, val_set, out / f"validation-{global_step}.png")
                 accelerator.print(f"step {global_step}: held-out PSNR {psnr:.2f} dB")
