@@ -162,6 +162,28 @@ def averaged_copy(accelerator, model, ema=None):
     return copied
 
 
+def save_text_pipeline(pipe, dest, text_encoder: str, text_path, finish=None) -> None:
+    """Save `pipe` (built with `text_encoder=None`) atomically as `dest` with its text encoder: the pointer to
+    the packaged MiniLM for `--text_encoder packaged` (its weights ship once, with layergen), else a copy of the
+    local folder `text_path`. `finish(folder)` may add to the folder before it is published."""
+    import json
+
+    from .atomic import atomic_dir
+    from .mini import write_packaged_pointer
+
+    with atomic_dir(dest) as tmp:
+        pipe.save_pretrained(tmp)
+        if text_encoder == "packaged":
+            write_packaged_pointer(tmp / "text_encoder")
+        else:
+            shutil.copytree(text_path, tmp / "text_encoder", dirs_exist_ok=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["text_encoder"] = ["transformers", "BertModel"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if finish is not None:
+            finish(tmp)
+
+
 def checkerboard(height: int, width: int, cell: int = 8) -> np.ndarray:
     """Light/dark grey checkerboard, float32 H x W x 3 in [0, 1]: the usual transparency backdrop."""
     yy, xx = np.mgrid[0:height, 0:width]

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure,
                                    subject_caption)
 from layergen.training_utils import (add_training_args, averaged_copy, embed_texts, finish_step, load_text_encoder,
-                                     optimizer_step, prepare_training, save_image_grid, start_accelerator)
+                                     optimizer_step, prepare_training, save_image_grid, save_text_pipeline,
+                                     start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -144,24 +145,15 @@ def log_validation(unet, vae, tokenizer, text_encoder, scheduler_config, path, s
 
 
 def save_pipeline(args, unet, vae, tokenizer, text_path, scheduler_config, dest: Path):
-    from layergen.atomic import atomic_dir
-    from layergen.mini import write_packaged_pointer
     from layergen.pipelines.pipeline_action import LINK_FILE
 
-    pipe = make_pipeline(unet, vae, tokenizer, None, scheduler_config)
-    with atomic_dir(dest) as tmp:
-        pipe.save_pretrained(tmp)
-        if args.text_encoder == "packaged":
-            write_packaged_pointer(tmp / "text_encoder")
-        else:
-            shutil.copytree(text_path, tmp / "text_encoder", dirs_exist_ok=True)
-        index = json.loads((tmp / "model_index.json").read_text())
-        index["text_encoder"] = ["transformers", "BertModel"]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        if args.vae_link:
-            shutil.rmtree(tmp / "vae")
-            (tmp / "vae").mkdir()
-            (tmp / "vae" / LINK_FILE).write_text(json.dumps({"path": args.vae_link, "class": "AutoencoderKL"}))
+    def link_vae(folder):  # point at a shared VAE instead of a copy
+        shutil.rmtree(folder / "vae")
+        (folder / "vae").mkdir()
+        (folder / "vae" / LINK_FILE).write_text(json.dumps({"path": args.vae_link, "class": "AutoencoderKL"}))
+
+    save_text_pipeline(make_pipeline(unet, vae, tokenizer, None, scheduler_config), dest, args.text_encoder,
+                       text_path, finish=link_vae if args.vae_link else None)
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,8 @@ from tqdm.auto import tqdm
 from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_scene
 from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder, encode_rgba
 from layergen.training_utils import (add_training_args, averaged_copy, embed_texts, finish_step, load_text_encoder,
-                                     optimizer_step, prepare_training, rgba_preview, save_image_grid, start_accelerator)
+                                     optimizer_step, prepare_training, rgba_preview, save_image_grid,
+                                     save_text_pipeline, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -156,26 +156,12 @@ def log_validation(args, unet, vae, tokenizer, text_encoder, encoder, decoder, s
 
 
 def save_pipeline(args, unet, vae, tokenizer, text_path, encoder, decoder, scheduler_config, dest: Path):
-    from layergen.mini import write_packaged_pointer
     from layergen.pipelines import TransparentLayerPipeline
 
     pipe = TransparentLayerPipeline(vae=vae, text_encoder=None, tokenizer=tokenizer, unet=unet,
                                     scheduler=DPMSolverMultistepScheduler.from_config(scheduler_config),
                                     transparent_decoder=decoder, transparent_encoder=encoder)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    if args.text_encoder == "packaged":
-        write_packaged_pointer(tmp / "text_encoder")
-    else:
-        shutil.copytree(text_path, tmp / "text_encoder", dirs_exist_ok=True)
-    import json
-
-    index = json.loads((tmp / "model_index.json").read_text())
-    index["text_encoder"] = ["transformers", "BertModel"]
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    save_text_pipeline(pipe, dest, args.text_encoder, text_path)
 
 
 def main(argv=None):
