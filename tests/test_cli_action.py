@@ -58,3 +58,16 @@ def test_clear_errors(model, tmp_path, capsys, monkeypatch):
     assert "<wave>" in err and "layergen action learn" in err and not (tmp_path / "x.png").exists()
     assert main(["action", "generate", "a cat", "--model", str(tmp_path / "nope")]) == 2
     assert main(["action"]) == 2
+
+
+def test_learn_help_states_the_trainers_defaults(capsys):
+    """`action learn` leaves unset settings to the training script; its help must not drift from them."""
+    from layergen.commands.action import _training_script
+
+    defaults = _training_script().parse_args(["--exemplars", "e", "--name", "n", "--output_dir", "o"])
+    with pytest.raises(SystemExit):
+        main(["action", "learn", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default {defaults.method}" in text and f"(default {defaults.max_train_steps})" in text
+    assert f"(default {defaults.num_exemplars})" in text and f"(default {defaults.mask_quantile};" in text
+    assert f"(default {defaults.contrast})" in text

@@ -39,13 +39,16 @@ def register(subparsers) -> None:
     learn.add_argument("--name", required=True, help="identifier name; prompts use it as <name>")
     learn.add_argument("-o", "--output", help="identifier file (default ./<name>.safetensors)")
     learn.add_argument("--model", help="ActionPipeline folder (default: bundled layergen-mini action model)")
-    learn.add_argument("--method", default="adi", choices=["adi", "textual_inversion"])
-    learn.add_argument("--steps", type=int, default=600)
-    learn.add_argument("--num_exemplars", type=int, default=4)
-    learn.add_argument("--mask_quantile", type=float, default=0.5)
-    learn.add_argument("--contrast", default="auto", choices=["auto", "render", "generate", "dir", "none"])
+    # Training settings left unset take training/train_action_identifier.py's defaults (one place to tune).
+    learn.add_argument("--method", choices=["adi", "textual_inversion"], help="default adi")
+    learn.add_argument("--steps", type=int, help="optimisation steps (default 600)")
+    learn.add_argument("--num_exemplars", type=int, help="use the first N exemplars (default 4)")
+    learn.add_argument("--mask_quantile", type=float,
+                       help="share of channels masked as action-agnostic (default 0.5; 0 = no mask)")
+    learn.add_argument("--contrast", choices=["auto", "render", "generate", "dir", "none"],
+                       help="where the action-different images come from (default auto)")
     learn.add_argument("--work_dir", help="checkpoints/validation images (default: a temporary folder)")
-    learn.add_argument("--seed", type=int, default=0)
+    learn.add_argument("--seed", type=int)
     learn.set_defaults(func=run_learn)
 
     g = sub.add_parser("generate", help='generate images from a prompt naming identifiers, e.g. "a cat <jump>"')
@@ -119,10 +122,12 @@ def run_learn(args) -> int:
     output = args.output or f"{name}.safetensors"
     with tempfile.TemporaryDirectory(prefix="layergen-action-") as tmp:
         argv = ["--exemplars", args.exemplars, "--name", name, "--output", output,
-                "--output_dir", args.work_dir or tmp, "--method", args.method, "--steps", str(args.steps),
-                "--num_exemplars", str(args.num_exemplars), "--mask_quantile", str(args.mask_quantile),
-                "--contrast", args.contrast, "--seed", str(args.seed), "--validation_steps", "0",
-                "--checkpointing_steps", str(max(args.steps, 1) if not args.work_dir else 100)]
+                "--output_dir", args.work_dir or tmp, "--validation_steps", "0"]
+        if not args.work_dir:  # nobody will resume from a temporary folder
+            argv += ["--checkpointing_steps", str(10 ** 9)]
+        for flag in ("method", "steps", "num_exemplars", "mask_quantile", "contrast", "seed"):
+            if getattr(args, flag) is not None:
+                argv += [f"--{flag}", str(getattr(args, flag))]
         if args.model:
             argv += ["--pretrained_model_name_or_path", args.model]
         module.main(argv)
