@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128, 192])
     p.add_argument("--layers_per_block", type=int, default=1)
     p.add_argument("--box_jitter", type=int, default=2, help="max px each box side moves in training")
+    p.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="processes drawing scenes (~14 ms each on one core): on a GPU a single one is the bottleneck")
     add_training_args(p, train_batch_size=12, max_train_steps=4000, learning_rate=5e-4,
                       lr_warmup_steps=100, checkpointing_steps=250, validation_steps=500, ema_decay=0.995)
     p.add_argument("--iou_weight", type=float, default=1.0)
@@ -77,6 +79,24 @@ def scene_samples(seed: int, resolution: int, jitter: int = 0, rng=None):
         out.append((scene.composite, inst, others, o.rgba[..., 3], np.round(visible * 255).astype(np.uint8),
                     o.rgba[..., :3]))
     return out
+
+
+class SceneStream(torch.utils.data.IterableDataset):
+    """Training samples from fresh procedural scenes, forever: one stream per (seed, start step, process,
+    DataLoader worker), so processes and workers never draw the same scenes and a resumed run continues with
+    new ones instead of replaying the first."""
+
+    def __init__(self, resolution: int, jitter: int, *seed):
+        self.resolution, self.jitter, self.seed = resolution, jitter, seed
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([*self.seed, worker.id if worker else 0])
+        pool: list = []
+        while True:
+            if not pool:
+                pool = scene_samples(int(rng.integers(0, HELDOUT_SEED_START)), self.resolution, self.jitter, rng)
+            yield pool.pop(int(rng.integers(len(pool))))
 
 
 def to_batch(samples, device):
@@ -142,18 +162,17 @@ def main(argv=None):
     model, optimizer, lr_sched, ema, global_step = prepare_training(
         accelerator, args, model, out, lr_scheduler=lambda opt, n: cosine_to_tenth(opt, args, n))
 
-    # each process draws its own scenes; a resumed run continues the stream instead of repeating it
-    rng = np.random.default_rng([args.seed, global_step, accelerator.process_index])
+    stream = SceneStream(args.resolution, args.box_jitter, args.seed, global_step, accelerator.process_index)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=args.train_batch_size, collate_fn=list,
+                                              num_workers=args.dataloader_num_workers))
+    flips = torch.Generator().manual_seed(args.seed * 1000 + global_step * accelerator.num_processes
+                                          + accelerator.process_index)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="layer matte",
                     disable=not accelerator.is_local_main_process)
-    pool: list = []
     model.train()
     while global_step < args.max_train_steps:
-        while len(pool) < args.train_batch_size:
-            pool += scene_samples(int(rng.integers(0, HELDOUT_SEED_START)), args.resolution, args.box_jitter, rng)
-        take = [pool.pop(int(rng.integers(len(pool)))) for _ in range(args.train_batch_size)]
-        batch = to_batch(take, accelerator.device)
-        if rng.random() < 0.5:  # horizontal flip: the generator draws both orientations equally
+        batch = to_batch(next(loader), accelerator.device)
+        if torch.rand((), generator=flips) < 0.5:  # horizontal flip: the generator draws both orientations equally
             batch = {k: v.flip(-1) for k, v in batch.items()}
         with accelerator.accumulate(model):
             pred = model(batch["composite"], batch["instance"], batch["others"])

@@ -29,7 +29,7 @@ def test_train_layer_matte_saves_loads_and_resumes(tmp_path):
     run(out, 4, "--use_ema")
     assert (out / "checkpoint-4").is_dir() and (out / "validation-2.png").is_file()
     first = load_file(out / "layer_matte" / "diffusion_pytorch_model.safetensors")
-    res = run(out, 6, "--use_ema", "--resume_from_checkpoint", "latest")
+    res = run(out, 6, "--use_ema", "--resume_from_checkpoint", "latest", "--dataloader_num_workers", "2")
     assert "4/6" in res.stderr  # continued from step 4, not from scratch
     second = load_file(out / "layer_matte" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(first[k], second[k]) for k in first)  # the two resumed steps trained
@@ -61,3 +61,23 @@ def test_box_jitter_moves_boxes_but_not_targets():
     b = scene_samples(3, 64, jitter=3, rng=np.random.default_rng(0))
     assert all(np.array_equal(x[3], y[3]) and np.array_equal(x[0], y[0]) for x, y in zip(a, b))
     assert any(not np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_scene_stream_differs_per_worker_and_start_step_and_is_reproducible():
+    from train_layer_matte import SceneStream
+
+    def first(n, stream, workers=0):
+        loader = torch.utils.data.DataLoader(stream, batch_size=n, collate_fn=list, num_workers=workers)
+        return [s[0] for s in next(iter(loader))]  # the composites
+
+    def same(a, b):
+        return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    a = first(4, SceneStream(32, 2, 0, 0, 0))
+    assert same(a, first(4, SceneStream(32, 2, 0, 0, 0)))  # a run is reproducible
+    assert not same(a, first(4, SceneStream(32, 2, 0, 10, 0)))  # a resumed run draws new scenes
+    assert not same(a, first(4, SceneStream(32, 2, 0, 0, 1)))  # so does every other process
+    loader = torch.utils.data.DataLoader(SceneStream(32, 2, 0, 0, 0), batch_size=4, collate_fn=list, num_workers=2)
+    batches = iter(loader)
+    w0, w1 = [[s[0] for s in next(batches)] for _ in range(2)]  # batches alternate between the two workers
+    assert same(w0, a) and not same(w0, w1)
