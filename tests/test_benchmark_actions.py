@@ -89,6 +89,9 @@ def test_seeds_pool_image_by_image_and_pair_the_methods(bench):
     assert pairs["subject"]["only_adi"] == 0 and pairs["subject"]["only_ti"] == 2
     assert pairs["action"]["p"] == 0.0625  # 5 of 5 discordant pairs one way: 2 / 2^5
     assert pairs["subject"]["p"] == 0.5  # 2 of 2: 2 / 2^2
+    split = bench.subject_by_action(per_seed, "adi", ["jump"])  # adi: action 1 1 0 0 1 1 1 1, subject 1 1 1 0 1 0 1 1
+    assert split == {"with_action": 5 / 6, "images_with_action": 6, "without_action": 0.5, "images_without_action": 2}
+    assert bench.subject_by_action(per_seed, "ti", ["jump"])["images_with_action"] == 1
 
 
 def test_sign_test_p_values(bench):
