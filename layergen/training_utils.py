@@ -99,6 +99,15 @@ def start_accelerator(args, project: str):
     return accelerator
 
 
+def step_schedule(optimizer, factor, num_processes: int = 1):
+    """`LambdaLR` whose `factor(step)` is called with optimisation steps: once `accelerator.prepare`d, a scheduler
+    steps once per process per optimisation step (diffusers convention), which would otherwise run every
+    warm-up and decay `num_processes` times too fast."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s // num_processes))
+
+
 def prepare_training(accelerator, args, model, output_dir, lr_scheduler=None, weight_decay: float = 1e-2):
     """The set-up the UNet-style scripts share: an EMA of `model` (with --use_ema; saved in checkpoints), AdamW,
     a learning-rate schedule, `accelerator.prepare`, then resume. Returns

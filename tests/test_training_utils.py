@@ -9,7 +9,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
-                                     start_accelerator)
+                                     start_accelerator, step_schedule)
 
 
 def test_averaged_copy_carries_ema_weights_and_leaves_the_model_alone():
@@ -147,3 +147,14 @@ def test_prepare_training_warms_up_over_the_same_optimisation_steps_on_any_proce
         else:
             lrs = _lr_per_optimisation_step(optimizer, schedule, 1, 7)
         assert lrs == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_step_schedule_calls_its_factor_with_optimisation_steps():
+    def lrs(num_processes):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=1.0)
+        return _lr_per_optimisation_step(opt, step_schedule(opt, lambda s: 1.0 / (s + 1), num_processes),
+                                         num_processes, 5)
+
+    assert lrs(1) == [1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5]
+    assert lrs(2) == lrs(1) and lrs(4) == lrs(1)  # a prepared scheduler steps once per process

@@ -50,7 +50,7 @@ from layergen.errors import LayergenError
 from layergen.models.action_identifier import (ActionIdentifier, GradientInvarianceMasker, identifier_masks,
                                                input_embedding_override, install_identifier_processors,
                                                limit_row_norms, masked_step, substitute_identifiers)
-from layergen.training_utils import finish_step, resume_step, save_image_grid
+from layergen.training_utils import finish_step, resume_step, save_image_grid, step_schedule
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -410,7 +410,8 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
     optimizer = torch.optim.AdamW([ident.embeddings], lr=args.learning_rate, weight_decay=args.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)))
+    lr_sched = step_schedule(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)),
+                             accelerator.num_processes)
     optimizer, lr_sched = accelerator.prepare(optimizer, lr_sched)
     accelerator.register_for_checkpointing(ident)
     accelerator.register_for_checkpointing(masker)

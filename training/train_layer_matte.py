@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.matte_net import LayerMatteNet
 from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
-                                     rgba_preview, save_image_grid, start_accelerator)
+                                     rgba_preview, save_image_grid, start_accelerator, step_schedule)
 
 logger = logging.getLogger(__name__)
 VALIDATION_SEED_START = HELDOUT_SEED_START + 500_000  # held out, and apart from the benchmark's seeds
@@ -143,11 +143,8 @@ def cosine_to_tenth(optimizer, args, num_processes: int = 1):
     that keeps a resumed run learning). In optimisation steps: a prepared scheduler steps once per process."""
     warm, total = args.lr_warmup_steps, args.max_train_steps
 
-    def factor(s):
-        s //= num_processes
-        return min(1.0, (s + 1) / max(1, warm)) * (
-            0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, total - warm)))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return step_schedule(optimizer, lambda s: min(1.0, (s + 1) / max(1, warm)) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, total - warm))))), num_processes)
 
 
 def main(argv=None):

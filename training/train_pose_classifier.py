@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from layergen.data.figures import ACTIONS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure
 from layergen.models.figure_classifier import FigureClassifier
-from layergen.training_utils import finish_step, resume_step
+from layergen.training_utils import finish_step, resume_step, step_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +164,9 @@ def main(argv=None):
                              f"this classifier {args.channels}")
         model.features.load_state_dict(donor.features.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, args.max_train_steps) / args.max_train_steps)))
+    sched = step_schedule(
+        optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, args.max_train_steps) / args.max_train_steps)),
+        accelerator.num_processes)
     model, optimizer, sched = accelerator.prepare(model, optimizer, sched)
     step = resume_step(accelerator, out, args.resume_from_checkpoint)
     gen = np.random.default_rng([args.seed, step, accelerator.process_index])

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from layergen.data.datasets import SceneImageDataset
 from layergen.data.scenes import HELDOUT_SEED_START
-from layergen.training_utils import finish_step, optimizer_step, resume_step, save_image_grid
+from layergen.training_utils import finish_step, optimizer_step, resume_step, save_image_grid, step_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +123,10 @@ def main(argv=None):
     model = VAEWithKL(build_vae(args))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    scheduler = step_schedule(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps))
-        * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.max_train_steps)))) * 0.9 + 0.1)
+        * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.max_train_steps)))) * 0.9 + 0.1,
+        accelerator.num_processes)
     train_set = SceneImageDataset(args.resolution, length=HELDOUT_SEED_START)
     val_set = SceneImageDataset(args.resolution, length=64, seed_offset=HELDOUT_SEED_START)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True,
