@@ -118,7 +118,6 @@ def prepare_training(accelerator, args, model, output_dir, lr_scheduler=None, we
     of GPUs. `lr_scheduler(optimizer, num_processes)` replaces the default (linear warm-up, then constant).
     """
     import torch
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=type(model),
@@ -126,7 +125,7 @@ def prepare_training(accelerator, args, model, output_dir, lr_scheduler=None, we
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=weight_decay)
     n = accelerator.num_processes
     schedule = (lr_scheduler(optimizer, n) if lr_scheduler is not None else
-                get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * n))
+                step_schedule(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup_steps)), n))
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -138,11 +137,15 @@ def finish_step(accelerator, args, output_dir, global_step: int, progress, logs:
     """Bookkeeping once an optimizer step has synced gradients: EMA update of `params`, step count, progress bar
     and tracker logs (tensors averaged over processes, plain numbers such as the learning rate as they are),
     rotating checkpoint. Returns the new step count."""
+    import torch
+
     if ema is not None:
         ema.step(params)
     global_step += 1
-    logs = {k: v if isinstance(v, (int, float)) else accelerator.gather(v.detach().float().reshape(-1)).mean().item()
-            for k, v in logs.items()}
+    tensors = [k for k, v in logs.items() if not isinstance(v, (int, float))]
+    if tensors:  # one collective for all of them: each process's means, averaged (equal batches per process)
+        local = torch.stack([logs[k].detach().float().mean() for k in tensors])
+        logs = {**logs, **dict(zip(tensors, accelerator.gather(local[None]).mean(0).tolist()))}
     progress.update(1)
     progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
     accelerator.log(logs, step=global_step)
