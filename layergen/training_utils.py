@@ -63,6 +63,11 @@ def resume_step(accelerator, output_dir, resume_from: str | None) -> int:
     return int(m.group(1))
 
 
+def due(step: int, every: int | None) -> bool:
+    """True every `every` steps; 0 or None never (so `--validation_steps 0` turns validation off)."""
+    return bool(every) and step % every == 0
+
+
 def add_training_args(parser, *, train_batch_size: int, max_train_steps: int, learning_rate: float,
                       lr_warmup_steps: int, checkpointing_steps: int = 250, validation_steps: int = 500,
                       checkpoints_total_limit: int = 2, ema_decay: float | None = 0.995) -> None:
@@ -88,13 +93,20 @@ def add_training_args(parser, *, train_batch_size: int, max_train_steps: int, le
 
 
 def start_accelerator(args, project: str):
-    """An `Accelerator` from the shared flags, with the `--report_to` trackers started (flags logged as config)."""
-    from accelerate import Accelerator
+    """An `Accelerator` from the shared flags, with the `--report_to` trackers started (flags logged as config).
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.report_to)
+    Logs go to <output_dir>/logs: tensorboard (and any tracker that writes files) refuses to start without a
+    logging directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(args.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
+                              mixed_precision=getattr(args, "mixed_precision", "no"),
+                              log_with=getattr(args, "report_to", None),
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.report_to:
+    if getattr(args, "report_to", None):
         accelerator.init_trackers(project, config={k: str(v) for k, v in vars(args).items()})
     return accelerator
 
@@ -149,7 +161,7 @@ def finish_step(accelerator, args, output_dir, global_step: int, progress, logs:
     progress.update(1)
     progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
     accelerator.log(logs, step=global_step)
-    if global_step % args.checkpointing_steps == 0:
+    if due(global_step, args.checkpointing_steps):
         save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
     return global_step
 

@@ -1,5 +1,6 @@
 import argparse
 import io
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -8,7 +9,7 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
+from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step, prepare_training,
                                      start_accelerator, step_schedule)
 
 
@@ -84,9 +85,11 @@ def test_shared_flags_start_trackers_and_finish_step_logs_counts_and_checkpoints
     assert not hasattr(no_ema.parse_args([]), "use_ema")
 
     tracker = _RecordingTracker()
-    args.report_to = tracker
+    args.report_to, args.output_dir = tracker, str(tmp_path / "run")
     accelerator = start_accelerator(args, "unit")
     assert tracker.config["train_batch_size"] == "3"  # the run's flags reach the tracker as its config
+    # file-writing trackers (tensorboard) refuse to start without a logging directory
+    assert Path(accelerator.logging_dir) == tmp_path / "run" / "logs"
 
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -159,3 +162,8 @@ def test_step_schedule_calls_its_factor_with_optimisation_steps():
 
     assert lrs(1) == [1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5]
     assert lrs(2) == lrs(1) and lrs(4) == lrs(1)  # a prepared scheduler steps once per process
+
+
+def test_due_counts_intervals_and_zero_means_never():
+    assert [s for s in range(1, 10) if due(s, 3)] == [3, 6, 9]
+    assert not any(due(s, 0) or due(s, None) for s in range(1, 10))

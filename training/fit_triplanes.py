@@ -37,8 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -48,7 +47,7 @@ from layergen.data.mannequins import (HELDOUT_SEED_START, LAYER_NAMES, REF_STEP,
 from layergen.models.triplane import TriplaneDecoder, clamp_planes_, plane_l1, plane_tv
 from layergen.models.volume_renderer import (VolumeRenderer, get_rays, intrinsics, masked_psnr, masked_ssim,
                                              orbit_cameras, ray_box_intersect)
-from layergen.training_utils import resume_step, save_checkpoint
+from layergen.training_utils import due, resume_step, save_checkpoint, start_accelerator
 
 logger = logging.getLogger("fit_triplanes")
 NUM_SLOTS = len(LAYER_NAMES)
@@ -318,9 +317,7 @@ def load_template(args, out) -> torch.Tensor:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
-    accelerator = Accelerator(log_with=args.report_to,
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "fit_triplanes")
     set_seed(args.seed + accelerator.process_index)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -364,8 +361,10 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             shrink_planes_(accelerator.unwrap_model(model).bank.planes.data, opt.param_groups[1]["lr"], args)
             if step % 20 == 0:
-                bar.set_postfix(alpha=f"{res['alpha'].item():.4f}", rgb=f"{res['rgb'].item():.4f}")
-            if (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.joint_steps:
+                losses = {"alpha": res["alpha"].item(), "rgb": res["rgb"].item()}
+                bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
+                accelerator.log({f"phase_a/{k}": v for k, v in losses.items()}, step=step)
+            if due(step + 1, args.checkpointing_steps) and step + 1 < args.joint_steps:
                 save_checkpoint(accelerator, out, step + 1, args.checkpoints_total_limit)
         accelerator.wait_for_everyone()
         unwrapped = accelerator.unwrap_model(model)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure,
                                    subject_caption)
-from layergen.training_utils import (add_training_args, averaged_copy, embed_texts, finish_step, load_text_encoder,
+from layergen.training_utils import (add_training_args, averaged_copy, due, embed_texts, finish_step, load_text_encoder,
                                      optimizer_step, prepare_training, save_image_grid, save_text_pipeline,
                                      start_accelerator)
 
@@ -207,7 +207,7 @@ def main(argv=None):
         if accelerator.sync_gradients:
             global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": per}, ema,
                                       unet.parameters())
-            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+            if accelerator.is_main_process and due(global_step, args.validation_steps):
                 eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(eval_unet, vae, tokenizer, text_encoder, noise_scheduler.config,
                                out / f"validation-{global_step}.png")

@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from PIL import Image
@@ -50,7 +49,7 @@ from layergen.errors import LayergenError
 from layergen.models.action_identifier import (ActionIdentifier, GradientInvarianceMasker, identifier_masks,
                                                input_embedding_override, install_identifier_processors,
                                                limit_row_norms, masked_step, substitute_identifiers)
-from layergen.training_utils import finish_step, resume_step, save_image_grid, step_schedule
+from layergen.training_utils import due, finish_step, resume_step, save_image_grid, start_accelerator, step_schedule
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -362,7 +361,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
     `exemplars`: list of dicts with `image` (uint8 H x W x 3) and optional `caption`;
     `contrast`: per exemplar, a list of such dicts (action-different samples), or None to build them.
     """
-    accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to)
+    accelerator = accelerator or start_accelerator(args, "train_action_identifier")
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -453,7 +452,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss[:2 * b]})
-        if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
+        if accelerator.is_main_process and due(global_step, args.validation_steps):
             log_validation(args, pipe, ident, out / f"validation-{global_step}.png")
 
     accelerator.wait_for_everyone()
@@ -470,7 +469,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to)
+    accelerator = start_accelerator(args, "train_action_identifier")
     train(args, accelerator=accelerator)
     accelerator.end_training()
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from layergen.atomic import atomic_dir
 from layergen.data.figures import HELDOUT_SEED_START, make_figure
-from layergen.training_utils import finish_step, resume_step, save_image_grid
+from layergen.training_utils import due, finish_step, resume_step, save_image_grid, start_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoints_total_limit", type=int, default=1)
     p.add_argument("--resume_from_checkpoint", default=None)
     p.add_argument("--validation_steps", type=int, default=200)
+    p.add_argument("--report_to", default=None, help='"tensorboard", "wandb", ... (needs the package).')
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -78,8 +79,7 @@ def log_validation(vae, xs, path) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_action_vae")
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad()
         step = finish_step(accelerator, args, out, step, progress, {"loss": loss})
-        if accelerator.is_main_process and step % args.validation_steps == 0:
+        if accelerator.is_main_process and due(step, args.validation_steps):
             psnr = log_validation(accelerator.unwrap_model(model).vae, val, out / f"validation-{step}.png")
             accelerator.print(f"step {step}: held-out PSNR {psnr:.2f} dB")
 
@@ -124,7 +124,8 @@ def main(argv=None):
         with torch.no_grad():
             z = final.encode(data[:64].float() / 127.5 - 1).latent_dist.mean
         final.register_to_config(scaling_factor=float(1.0 / z.std()))
-        final.save_pretrained(out / "vae")
+        with atomic_dir(out / "vae") as tmp:
+            final.save_pretrained(tmp)
         psnr = log_validation(final, val, out / "validation-final.png")
         accelerator.print(f"saved {out / 'vae'}; held-out PSNR {psnr:.2f} dB")
     accelerator.end_training()

@@ -39,8 +39,8 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.learned import LayerDecomposer, decode_rgb, encode_layer, encode_rgb, \
     save_decomposition_pipeline
 from layergen.layers import Layer, LayerStack
-from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
-                                     rgba_preview, save_image_grid, start_accelerator)
+from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step,
+                                     prepare_training, rgba_preview, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def main(argv=None):
         if accelerator.sync_gradients:
             global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema,
                                       model.parameters())
-            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+            if accelerator.is_main_process and due(global_step, args.validation_steps):
                 eval_model = averaged_copy(accelerator, model, ema)
                 iou = log_validation(args, eval_model, vae, decoder, noise_scheduler.config,
                                      out / f"validation-{global_step}.png")

@@ -45,7 +45,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from layergen.training_utils import finish_step, optimizer_step, resume_step, rgba_preview, save_image_grid
+from layergen.training_utils import due, finish_step, optimizer_step, resume_step, rgba_preview, save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -556,7 +556,7 @@ def main(argv=None):
                 continue
             global_step = finish_step(accelerator, args, out, global_step, progress,
                                       {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}, ema, params)
-            if (args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0
+            if (args.validation_prompt and due(global_step, args.validation_steps)
                     and accelerator.is_main_process):
                 if ema is not None:
                     ema.store(params)

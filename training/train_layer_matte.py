@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from layergen.atomic import atomic_dir
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.matte_net import LayerMatteNet
-from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
-                                     rgba_preview, save_image_grid, start_accelerator, step_schedule)
+from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step,
+                                     prepare_training, rgba_preview, save_image_grid, start_accelerator, step_schedule)
 
 logger = logging.getLogger(__name__)
 VALIDATION_SEED_START = HELDOUT_SEED_START + 500_000  # held out, and apart from the benchmark's seeds
@@ -179,7 +180,7 @@ def main(argv=None):
         if accelerator.sync_gradients:
             global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema,
                                       model.parameters())
-            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+            if accelerator.is_main_process and due(global_step, args.validation_steps):
                 eval_model = averaged_copy(accelerator, model, ema)
                 iou = validate(eval_model, args, out / f"validation-{global_step}.png")
                 logger.info("step %d: held-out amodal alpha IoU %.3f", global_step, iou)
@@ -187,7 +188,8 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = averaged_copy(accelerator, model, ema)
-        final.save_pretrained(out / "layer_matte")
+        with atomic_dir(out / "layer_matte") as tmp:
+            final.save_pretrained(tmp)
         iou = validate(final, args, out / "validation-final.png")
         accelerator.print(f"saved {out / 'layer_matte'} (held-out amodal alpha IoU {iou:.3f})")
     accelerator.end_training()

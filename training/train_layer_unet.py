@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_scene
 from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder, encode_rgba
-from layergen.training_utils import (add_training_args, averaged_copy, embed_texts, finish_step, load_text_encoder,
+from layergen.training_utils import (add_training_args, averaged_copy, due, embed_texts, finish_step, load_text_encoder,
                                      optimizer_step, prepare_training, rgba_preview, save_image_grid,
                                      save_text_pipeline, start_accelerator)
 
@@ -218,7 +218,7 @@ def main(argv=None):
         if accelerator.sync_gradients:
             global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema,
                                       unet.parameters())
-            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+            if accelerator.is_main_process and due(global_step, args.validation_steps):
                 eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(args, eval_unet, vae, tokenizer, text_encoder, encoder, decoder,
                                noise_scheduler.config, out / f"validation-{global_step}.png")

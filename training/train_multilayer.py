@@ -45,8 +45,8 @@ from layergen.layers.compositing import composite_layers
 from layergen.layout import Box
 from layergen.models.transparent_codec import encode_rgba
 from layergen.pipelines.pipeline_multilayer import crop_pixels, region_crop, resize_rgba
-from layergen.training_utils import (add_training_args, averaged_copy, finish_step, optimizer_step, prepare_training,
-                                     save_image_grid, start_accelerator)
+from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step,
+                                     prepare_training, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def main(argv=None):
         if accelerator.sync_gradients:
             global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss}, ema,
                                       unet.parameters())
-            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+            if accelerator.is_main_process and due(global_step, args.validation_steps):
                 eval_unet = averaged_copy(accelerator, unet, ema)
                 log_validation(pipe, eval_unet, out / f"validation-{global_step}.png",
                                args.validation_inference_steps)

@@ -26,13 +26,13 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from layergen.atomic import atomic_dir
 from layergen.data.figures import ACTIONS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure
 from layergen.models.figure_classifier import FigureClassifier
-from layergen.training_utils import finish_step, resume_step, step_schedule
+from layergen.training_utils import finish_step, resume_step, start_accelerator, step_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=1)
     p.add_argument("--resume_from_checkpoint", default=None)
+    p.add_argument("--report_to", default=None, help='"tensorboard", "wandb", ... (needs the package).')
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.pooling is None:
@@ -127,8 +128,7 @@ def evaluate(model, images, labels) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_pose_classifier")
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,8 +197,9 @@ def main(argv=None):
                     report[f"heldout_accuracy_{name}"] = evaluate(
                         final, eval_images[sel], {k: v[torch.from_numpy(sel)] for k, v in eval_labels.items()})
         dest = out / "classifier"
-        final.save_pretrained(dest)
-        (dest / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_dir(dest) as tmp:
+            final.save_pretrained(tmp)
+            (tmp / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         accelerator.print(f"held-out accuracy {metrics}; saved {dest}")
     accelerator.end_training()
 

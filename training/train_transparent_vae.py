@@ -51,7 +51,7 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_sce
 from layergen.models.transparent_codec import (
     MINI_DECODER_CONFIG, MINI_ENCODER_CONFIG, TransparentDecoder, TransparentEncoder, premultiply_on_grey,
     vae_scale_factor)
-from layergen.training_utils import (add_training_args, finish_step, optimizer_step, resume_step, rgba_preview,
+from layergen.training_utils import (add_training_args, due, finish_step, optimizer_step, resume_step, rgba_preview,
                                      save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def main(argv=None):
         if accelerator.sync_gradients:
             global_step = finish_step(accelerator, args, out, global_step, progress,
                                       {"loss": loss, "alpha": l_alpha, "rgb": l_rgb, "composite": l_comp})
-            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+            if accelerator.is_main_process and due(global_step, args.validation_steps):
                 mae = log_validation(vae, accelerator.unwrap_model(encoder), accelerator.unwrap_model(decoder),
                                      val_set, out / "validation" / f"step-{global_step:06d}.png",
                                      tta=args.validation_tta)

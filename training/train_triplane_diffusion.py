@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -48,7 +47,8 @@ from layergen.atomic import atomic_dir, write_text_atomic
 from layergen.data.mannequins import LAYER_NAMES
 from layergen.models.triplane import TriplaneDecoder, flip_x
 from layergen.models.triplane_unet import LayeredTriplaneUNet
-from layergen.training_utils import optimizer_step, resume_step, rgba_preview, save_checkpoint, save_image_grid
+from layergen.training_utils import (add_training_args, due, finish_step, optimizer_step, resume_step, rgba_preview,
+                                     save_checkpoint, save_image_grid, start_accelerator)
 
 logger = logging.getLogger("train_triplane_diffusion")
 
@@ -63,15 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--layers_per_block", type=int, default=1)
     p.add_argument("--norm_num_groups", type=int, default=8)
     p.add_argument("--no_attention", action="store_true", help="no self-attention in the mid block")
-    p.add_argument("--train_batch_size", type=int, default=16)
-    p.add_argument("--max_train_steps", type=int, default=2000)
-    p.add_argument("--learning_rate", type=float, default=3e-4)
+    add_training_args(p, train_batch_size=16, max_train_steps=2000, learning_rate=3e-4, lr_warmup_steps=100,
+                      checkpointing_steps=500, validation_steps=1000, ema_decay=0.999)
     p.add_argument("--lr_scheduler", default="cosine")
-    p.add_argument("--lr_warmup_steps", type=int, default=100)
     p.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
     p.add_argument("--num_train_timesteps", type=int, default=1000)
     p.add_argument("--beta_schedule", default="linear")
@@ -81,16 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--no_flip", action="store_true", help="disable the mirror augmentation")
     p.add_argument("--layer_weights", default=None,
                    help="sampling weight per layer class, e.g. 'shoes=3,hat=2' (others 1); default: uniform shuffle")
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None)
-    p.add_argument("--validation_steps", type=int, default=1000)
     p.add_argument("--num_validation_humans", type=int, default=2)
     p.add_argument("--validation_inference_steps", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--report_to", default=None)
     return p.parse_args(argv)
 
 
@@ -196,9 +184,7 @@ def log_validation(unet, decoder, noise_scheduler, args, accelerator, step):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to,
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_triplane_diffusion")
     set_seed(args.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -305,14 +291,11 @@ def main(argv=None):
                 accelerator.backward(loss)
                 optimizer_step(accelerator, unet.parameters(), optimizer, lr_scheduler, args.max_grad_norm)
             if accelerator.sync_gradients:
-                if ema is not None:
-                    ema.step(unet.parameters())
-                global_step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-                if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                global_step = finish_step(accelerator, args, out, global_step, bar,
+                                          {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}, ema, unet.parameters())
+                if global_step == args.max_train_steps and not due(global_step, args.checkpointing_steps):
                     save_checkpoint(accelerator, out, global_step, args.checkpoints_total_limit)
-                if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0 \
+                if accelerator.is_main_process and due(global_step, args.validation_steps) \
                         and global_step < args.max_train_steps:
                     _validate_with_ema(unet, ema, decoder, noise_scheduler, args, accelerator, global_step)
             if global_step >= args.max_train_steps:

@@ -20,14 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from layergen.atomic import atomic_dir
 from layergen.data.datasets import SceneImageDataset
 from layergen.data.scenes import HELDOUT_SEED_START
-from layergen.training_utils import finish_step, optimizer_step, resume_step, save_image_grid, step_schedule
+from layergen.training_utils import (add_training_args, due, finish_step, optimizer_step, resume_step, save_image_grid,
+                                     start_accelerator, step_schedule)
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--latent_channels", type=int, default=4)
     p.add_argument("--resolution", type=int, default=128, help="Size of the generated scenes.")
     p.add_argument("--crop_size", type=int, default=64, help="Random crop trained on (multiple of 8).")
-    p.add_argument("--train_batch_size", type=int, default=16)
-    p.add_argument("--max_train_steps", type=int, default=2000)
-    p.add_argument("--learning_rate", type=float, default=5e-4)
-    p.add_argument("--lr_warmup_steps", type=int, default=50)
+    add_training_args(p, train_batch_size=16, max_train_steps=2000, learning_rate=5e-4, lr_warmup_steps=50,
+                      validation_steps=250, ema_decay=None)
     p.add_argument("--kl_weight", type=float, default=1e-6)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--checkpointing_steps", type=int, default=250)
-    p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder.")
-    p.add_argument("--validation_steps", type=int, default=250)
     p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--report_to", default=None)
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -112,9 +102,7 @@ def log_validation(vae, val_set, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=args.report_to)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = start_accelerator(args, "train_vae")
     set_seed(args.seed)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -154,7 +142,7 @@ def main(argv=None):
             optimizer_step(accelerator, model.parameters(), optimizer, scheduler, args.max_grad_norm)
         if accelerator.sync_gradients:
             global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss})
-            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+            if accelerator.is_main_process and due(global_step, args.validation_steps):
                 psnr = log_validation(accelerator.unwrap_model(model).vae, val_set, out / f"validation-{global_step}.png")
                 accelerator.print(f"step {global_step}: held-out PSNR {psnr:.2f} dB")
 
@@ -162,7 +150,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         vae = accelerator.unwrap_model(model).vae.eval()
         vae.register_to_config(scaling_factor=measure_scaling_factor(vae, val_set))
-        vae.save_pretrained(out / "vae")
+        with atomic_dir(out / "vae") as tmp:
+            vae.save_pretrained(tmp)
         psnr = log_validation(vae, val_set, out / "validation-final.png")
         accelerator.print(f"saved {out / 'vae'}; held-out PSNR {psnr:.2f} dB")
     accelerator.end_training()

@@ -31,3 +31,10 @@ def test_vae_trains_saves_and_resumes(tmp_path):
     assert "resumed from" in res.stdout + res.stderr
     w_after = AutoencoderKL.from_pretrained(out / "vae").encoder.conv_in.weight.detach().numpy()
     assert not np.allclose(w_before, w_after)
+
+
+def test_zero_validation_and_checkpoint_intervals_turn_them_off(tmp_path):
+    out = tmp_path / "vae"
+    run(out, 2, "--validation_steps", "0", "--checkpointing_steps", "0")  # later flags win
+    assert (out / "vae" / "config.json").is_file()
+    assert not list(out.glob("validation-[0-9]*.png")) and not list(out.glob("checkpoint-*"))
