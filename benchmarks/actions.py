@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from layergen.data.figures import (ACTION_VERBS, FIGURE_BACKGROUNDS, FIGURE_COLOURS,  # noqa: E402
                                    HELDOUT_ACTIONS, HELDOUT_SEED_START, SEEN_ACTIONS, SPECIES, exemplar_set,
                                    subject_caption)
+from layergen.pipelines.pipeline_action import DEFAULT_IDENTIFIER_STEPS  # noqa: E402
 
 METHODS = {
     "adi": ["--method", "adi"],
@@ -81,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--exemplar_species", choices=["distinct", "same"], default="distinct",
                    help="distinct: the 4 exemplars are 4 species; same: all one species (per action), the setting "
                         "where an identifier is tempted to learn the subject too")
-    p.add_argument("--identifier_steps", type=float, default=1.0,
+    p.add_argument("--identifier_steps", type=float, default=DEFAULT_IDENTIFIER_STEPS,
                    help="fraction of denoising steps in which every method's identifier acts (ActionPipeline)")
     p.add_argument("--extra", default="", help="Extra training flags for every identifier method (quoted).")
     p.add_argument("--seed", type=int, nargs="+", default=[0],

@@ -71,3 +71,11 @@ def test_learn_help_states_the_trainers_defaults(capsys):
     assert f"default {defaults.method}" in text and f"(default {defaults.max_train_steps})" in text
     assert f"(default {defaults.num_exemplars})" in text and f"(default {defaults.mask_quantile};" in text
     assert f"(default {defaults.contrast})" in text
+
+
+def test_generate_help_states_the_pipelines_identifier_steps(capsys):
+    from layergen.pipelines.pipeline_action import DEFAULT_IDENTIFIER_STEPS
+
+    with pytest.raises(SystemExit):
+        main(["action", "generate", "--help"])
+    assert f"(default {DEFAULT_IDENTIFIER_STEPS}, the pipeline's;" in " ".join(capsys.readouterr().out.split())

@@ -95,9 +95,10 @@ def parse_args(argv=None):
     p.add_argument("--contrast", default="auto", choices=["auto", "render", "generate", "dir", "none"])
     p.add_argument("--contrast_dir", default=None)
     p.add_argument("--num_contrast", type=int, default=3, help="Action-different images per exemplar.")
-    p.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "focal"],
-                   help="'focal': p(t) ~ 1 - 0.5 cos(pi t / T), favouring the noisy steps where pose is decided "
-                        "(ReVersion's relation-focal sampling).")
+    p.add_argument("--timestep_sampling", default="focal", choices=["uniform", "focal"],
+                   help="'focal' (default): p(t) ~ 1 - 0.5 cos(pi t / T), favouring the noisy steps where pose is "
+                        "decided (ReVersion's relation-focal sampling); the pipeline applies identifiers in those "
+                        "steps only (identifier_steps). 'uniform': every timestep alike.")
     p.add_argument("--validation_prompt", action="append", default=None,
                    help="Prompt containing {token}; repeat for several. Default: three unseen subjects.")
     p.add_argument("--validation_steps", type=int, default=100)

@@ -63,9 +63,9 @@ def register(subparsers) -> None:
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--guidance_scale", type=float, default=5.0)
     g.add_argument("--negative_prompt", default=None)
-    g.add_argument("--identifier_steps", type=float, default=1.0,
-                   help="fraction of the denoising steps (noisiest first) in which identifiers act; "
-                        "lower (e.g. 0.5) hands the last steps back to the plain prompt (default 1)")
+    g.add_argument("--identifier_steps", type=float, default=None,
+                   help="fraction of the denoising steps (noisiest first) in which identifiers act; the rest "
+                        "read the plain prompt (default 0.7, the pipeline's; 1 = every step)")
     g.add_argument("--model", help="ActionPipeline folder (default: bundled layergen-mini action model)")
     g.add_argument("--no_strict", action="store_true", help="load identifiers learned on other weights anyway")
     g.set_defaults(func=run_generate)
@@ -159,7 +159,8 @@ def run_generate(args) -> int:
         pipe.load_action_identifier(f, strict=not args.no_strict)
     out = pipe(args.prompt, num_images_per_prompt=args.num_images, seed=args.seed,
                num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-               negative_prompt=args.negative_prompt, identifier_steps=args.identifier_steps)
+               negative_prompt=args.negative_prompt,
+               **({} if args.identifier_steps is None else {"identifier_steps": args.identifier_steps}))
     dest = Path(args.output)
     if dest.suffix.lower() != ".png":
         raise LayergenError(f"{dest}: output must be a .png file")

@@ -26,6 +26,8 @@ from ..models.action_identifier import (TOKEN_PATTERN, ActionIdentifier, identif
 from .layer_diffusion import LayerDiffusionPipelineBase, make_generator_list
 
 LINK_FILE = "linked.json"
+# share of denoising steps (noisiest first) in which identifiers act by default; see __call__ and docs/actions.md
+DEFAULT_IDENTIFIER_STEPS = 0.7
 
 
 @dataclass
@@ -202,7 +204,8 @@ class ActionPipeline(LayerDiffusionPipelineBase):
                  guidance_scale: float = 5.0, negative_prompt=None, num_images_per_prompt: int = 1,
                  generator=None, seed: int | None = None, latents=None, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), identifier_steps: float = 1.0):
+                 callback_on_step_end_tensor_inputs=("latents",),
+                 identifier_steps: float = DEFAULT_IDENTIFIER_STEPS):
         """`seed` is a convenience for `generator` (image k of a batch uses seed + k).
         `output_type`: "pil" (RGB images), "np" (uint8 N x H x W x 3) or "latent".
 
@@ -210,7 +213,9 @@ class ActionPipeline(LayerDiffusionPipelineBase):
         identifiers act; the remaining steps read the prompt with the identifier tokens removed.
         The pose is settled in the noisy steps, the subject's small cues (ears, beak) in the
         late ones, so ending the identifier early keeps the action and gives the subject back
-        to the base model (prompt switching, as in Prompt-to-Prompt's step schedules).
+        to the base model (prompt switching, as in Prompt-to-Prompt's step schedules). The default
+        (0.7) matches how identifiers are trained (focal timestep sampling favours the noisy steps);
+        1.0 lets them act throughout.
         """
         if not 0.0 <= float(identifier_steps) <= 1.0:
             raise LayergenError(f"identifier_steps must be in [0, 1], got {identifier_steps}")

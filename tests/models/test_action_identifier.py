@@ -9,7 +9,7 @@ from layergen.models.action_identifier import (ActionIdentifier, GradientInvaria
                                                cross_attention_layers, identifier_masks, install_identifier_processors,
                                                limit_row_norms, masked_step, quantile_keep_mask, substitute_identifiers,
                                                uninstall_identifier_processors)
-from layergen.pipelines.pipeline_action import ActionPipeline
+from layergen.pipelines.pipeline_action import DEFAULT_IDENTIFIER_STEPS, ActionPipeline
 from layergen.testing import tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
 
 
@@ -317,13 +317,17 @@ def test_identifier_steps_ends_the_identifier_after_the_noisy_steps(kind):
         return callback
 
     kw = dict(num_inference_steps=4, seed=0, output_type="np")
-    full = pipe("a red <jump>", callback_on_step_end=record("full"), **kw).images
+    full = pipe("a red <jump>", identifier_steps=1.0, callback_on_step_end=record("full"), **kw).images
     half = pipe("a red <jump>", identifier_steps=0.5, callback_on_step_end=record("half"), **kw).images
     plain = pipe("a red", callback_on_step_end=record("plain"), **kw).images
     none = pipe("a red <jump>", identifier_steps=0.0, **kw).images
-    # 0: the prompt without the token, pixel for pixel; 1 is the default
+    # 0: the prompt without the token, pixel for pixel; the default ends it after the noisiest 0.7 of the steps
     assert np.array_equal(none, plain)
-    assert np.array_equal(pipe("a red <jump>", identifier_steps=1.0, **kw).images, full)
+    assert DEFAULT_IDENTIFIER_STEPS == 0.7
+    kw10 = {**kw, "num_inference_steps": 10}
+    default = pipe("a red <jump>", **kw10).images
+    assert np.array_equal(default, pipe("a red <jump>", identifier_steps=0.7, **kw10).images)
+    assert not np.array_equal(default, pipe("a red <jump>", identifier_steps=1.0, **kw10).images)
     # 0.5: the first two steps are the identifier's, then the plain prompt takes over
     for i in (0, 1):
         assert torch.equal(latents_at[("half", i)], latents_at[("full", i)])
@@ -335,6 +339,6 @@ def test_identifier_steps_ends_the_identifier_after_the_noisy_steps(kind):
     assert 1e-3 * scale < (last["half"] - last["full"]).abs().mean() < (last["half"] - last["plain"]).abs().mean()
     assert not np.array_equal(half, full)
     # the routing was undone mid-call, and is back for the next call
-    assert np.array_equal(pipe("a red <jump>", **kw).images, full)
+    assert np.array_equal(pipe("a red <jump>", identifier_steps=1.0, **kw).images, full)
     with pytest.raises(LayergenError, match="identifier_steps"):
         pipe("a red <jump>", identifier_steps=1.5, **kw)
