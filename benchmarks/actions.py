@@ -342,6 +342,12 @@ def main(argv=None):
         "benchmark": "actions",
         "description": __doc__.split("\n\n")[0].strip(),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "save_images")},
+        # what every identifier was trained with: the trainer's settings (its defaults plus --extra), then each
+        # method's own flags on top
+        "identifier_training": {k: v for k, v in vars(trainer.parse_args(
+            ["--name", "<x>", "--output_dir", ".", *shlex.split(args.extra)])).items()
+            if k not in ("name", "output_dir", "output", "seed")},
+        "method_flags": {m: METHODS[m] for m in args.methods},
         "classifiers": clf_metrics,
         "summary": summary,
         "verdict": verdict,
