@@ -9,8 +9,8 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step, prepare_training,
-                                     start_accelerator, step_schedule)
+from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step,
+                                     prepare_training, start_accelerator, step_schedule)
 
 
 def test_averaged_copy_carries_ema_weights_and_leaves_the_model_alone():

@@ -469,8 +469,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    accelerator = start_accelerator(args, "train_action_identifier")
+    accelerator = start_accelerator(args, "train_action_identifier")  # also sets up logging
     train(args, accelerator=accelerator)
     accelerator.end_training()
 
