@@ -58,6 +58,12 @@ def test_clear_errors(model, tmp_path, capsys, monkeypatch):
     assert "<wave>" in err and "layergen action learn" in err and not (tmp_path / "x.png").exists()
     assert main(["action", "generate", "a cat", "--model", str(tmp_path / "nope")]) == 2
     assert main(["action"]) == 2
+    (tmp_path / "corrupt").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "corrupt" / name).write_bytes(b"not an image")
+    assert main(["action", "learn", "corrupt", "--name", "jump", "--steps", "1", "--model", str(model)]) == 2
+    assert "corrupt/a.png: cannot decode image" in capsys.readouterr().err
+    assert not (tmp_path / "jump.safetensors").exists()
 
 
 def test_learn_help_states_the_trainers_defaults(capsys):

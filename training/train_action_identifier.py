@@ -46,6 +46,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from layergen.errors import LayergenError
+from layergen.layers.formats._common import decode_image
 from layergen.models.action_identifier import (ActionIdentifier, GradientInvarianceMasker, identifier_masks,
                                                input_embedding_override, install_identifier_processors,
                                                limit_row_norms, masked_step, substitute_identifiers)
@@ -152,7 +153,8 @@ def read_exemplars(folder, limit: int | None = None, size: int = 128) -> list[di
         raise LayergenError(f"{folder}: need at least 2 exemplar images, found {len(files)}")
     out = []
     for f in files:
-        img = Image.open(f).convert("RGB").resize((size, size), Image.LANCZOS)
+        rgb = decode_image(f.read_bytes(), str(f))[..., :3]  # a corrupt file is a clear FormatError
+        img = Image.fromarray(rgb).resize((size, size), Image.LANCZOS)
         out.append({"image": np.asarray(img), "stem": f.stem, **meta.get(f.name, {})})
     return out
 
