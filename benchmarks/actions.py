@@ -32,6 +32,8 @@ Scores, from judges trained only on renders (`training/train_pose_classifier.py`
 
     python benchmarks/actions.py                      # full run, ~20-30 min on 2 CPU cores
     python benchmarks/actions.py --quick              # smoke run
+    python benchmarks/actions.py --seed 4 5 --out b.json && \
+        python benchmarks/actions.py --merge a.json b.json --out all.json   # add seeds to an earlier run
 
 Table to stdout, JSON to benchmarks/results/actions.json.
 """
@@ -94,6 +96,9 @@ def parse_args(argv=None):
                    help="Keep the learned identifiers here and reuse them when the same training config comes "
                         "again (e.g. to re-score with another --identifier_steps without retraining).")
     p.add_argument("--quick", action="store_true", help="1 action, 20 steps, 4 images: a smoke run")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="generate nothing: pool the seeds of earlier runs' JSON files (same config, other seeds) "
+                        "into one report at --out")
     args = p.parse_args(argv)
     if args.quick:
         args.actions, args.steps, args.num_images = args.actions[:1], 20, 4
@@ -210,7 +215,14 @@ def paired(per_seed: dict, a: str, b: str, actions) -> dict:
         y = [v for s in per_seed for act in actions for v in per_seed[s][b][act]["correct"][key]]
         wins = sum(1 for u, v in zip(x, y) if u and not v)
         losses = sum(1 for u, v in zip(x, y) if v and not u)
-        out[key] = {"only_" + a: wins, "only_" + b: losses, "images": len(x), "p": round(sign_test_p(wins, losses), 4)}
+        n = len(x)
+        # paired difference a - b in points, with the Wald 95 % interval for paired proportions: how large a gap
+        # the images can rule out, which a p-value alone does not say ("no lower" needs the lower end)
+        diff = (wins - losses) / n
+        half = 1.96 * np.sqrt(max((wins + losses) / n - diff ** 2, 0.0) / n)
+        out[key] = {"only_" + a: wins, "only_" + b: losses, "images": n, "p": round(sign_test_p(wins, losses), 4),
+                    "difference_points": round(100 * diff, 2),
+                    "ci95_points": [round(100 * (diff - half), 2), round(100 * (diff + half), 2)]}
     return out
 
 
@@ -227,6 +239,89 @@ def subject_by_action(per_seed: dict, method: str, actions) -> dict:
         out[name] = float(np.mean(subj)) if subj else None
         out[f"images_{name}"] = len(subj)
     return out
+
+
+def build_report(config: dict, identifier_training: dict, classifiers: dict, per_seed: dict) -> dict:
+    """Pool `per_seed` ({seed: {method: {action: scores}}}), print the table, verdict and paired counts, and return
+    the JSON report. Shared by a run and by `--merge`, so merged seeds are scored exactly like one run's."""
+    methods, actions = config["methods"], config["actions"]
+    summary, results = pool(per_seed, methods, actions)
+    print()
+    print(f"held-out actions {', '.join(actions)}; {config['num_exemplars']} exemplars, {config['steps']} steps, "
+          f"{config['num_images']} unseen subjects each, seed(s) {' '.join(map(str, config['seed']))}")
+    print(f"{'method':<14}" + "".join(f"{k:>13}" for k in KEYS))
+    for m in methods:
+        print(f"{m:<14}" + "".join(f"{100 * summary[m][k]:>12.1f}%" for k in KEYS))
+    verdict = {}
+    if {"adi", "ti"} <= set(methods):
+        verdict["adi_minus_ti_action_points"] = 100 * (summary["adi"]["action_acc"] - summary["ti"]["action_acc"])
+        verdict["adi_subject_not_lower_than_ti"] = summary["adi"]["subject_acc"] >= summary["ti"]["subject_acc"]
+        if "text_seen" in summary:  # the base model's own cost of asking for an action in words
+            verdict["adi_minus_text_seen_subject_points"] = 100 * (summary["adi"]["subject_acc"]
+                                                                   - summary["text_seen"]["subject_acc"])
+        for abl in ("adi_no_mask", "adi_shared"):  # a part matters if removing it loses action-on-subject images
+            if abl in summary:
+                for k in ("action_acc", "subject_acc", "joint_acc"):
+                    verdict[f"adi_minus_{abl}_{k.split('_')[0]}_points"] = 100 * (summary["adi"][k]
+                                                                                   - summary[abl][k])
+        print("verdict:", json.dumps(verdict))
+    pairs = {}
+    for a, b in (("adi", "ti"), ("adi", "adi_no_mask"), ("adi", "adi_shared")):
+        if {a, b} <= set(methods):
+            pairs[f"{a}_vs_{b}"] = paired(per_seed, a, b, actions)
+            print(f"paired {a} vs {b}: " + ", ".join(
+                f"{k} +{v['only_' + a]}/-{v['only_' + b]} (p {v['p']:.3f}; {v['difference_points']:+.1f} points, "
+                f"95% CI {v['ci95_points'][0]:+.1f} to {v['ci95_points'][1]:+.1f})"
+                for k, v in pairs[f"{a}_vs_{b}"].items()))
+
+    by_action = {m: subject_by_action(per_seed, m, actions) for m in methods}
+    for m, v in by_action.items():
+        pct = {k: "-" if v[k] is None else f"{100 * v[k]:.1f}%" for k in ("with_action", "without_action")}
+        print(f"subject accuracy {m}: {pct['with_action']} of {v['images_with_action']} images with the action, "
+              f"{pct['without_action']} of {v['images_without_action']} without")
+    return {
+        "benchmark": "actions",
+        "description": __doc__.split("\n\n")[0].strip(),
+        "config": config,
+        "identifier_training": identifier_training,
+        "method_flags": {m: METHODS[m] for m in methods},
+        "classifiers": classifiers,
+        "summary": summary,
+        "verdict": verdict,
+        "paired": pairs,
+        "subject_by_action": by_action,
+        "per_action": results,
+        "per_seed": {str(seed): {"summary": pool({seed: r}, methods, actions)[0], "per_action": r}
+                     for seed, r in per_seed.items()},
+    }
+
+
+# config keys that may differ between runs whose seeds are merged (everything else must match)
+MERGE_FREE = ("seed", "methods", "identifier_dir", "quick")
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several runs of the same benchmark config on different seeds (e.g. seeds added by a later
+    session): per-seed, image-by-image results are pooled; methods are those every run has. Runs that differ in
+    anything that changes the images (model, steps, identifier_steps, the trainer's settings...) are refused."""
+    first = reports[0]
+    for r in reports[1:]:
+        for key in ("config", "identifier_training", "classifiers"):
+            a = {k: v for k, v in first[key].items() if key != "config" or k not in MERGE_FREE}
+            b = {k: v for k, v in r[key].items() if key != "config" or k not in MERGE_FREE}
+            if a != b:
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                raise ValueError(f"cannot merge: the runs differ in {key} ({', '.join(diff)})")
+    methods = [m for m in first["config"]["methods"] if all(m in r["config"]["methods"] for r in reports)]
+    per_seed = {}
+    for r in reports:
+        for seed, run in r["per_seed"].items():
+            if int(seed) in per_seed:
+                raise ValueError(f"cannot merge: seed {seed} is in more than one run")
+            per_seed[int(seed)] = {m: run["per_action"][m] for m in methods}
+    config = {**first["config"], "methods": methods, "seed": sorted(per_seed)}
+    config.pop("identifier_dir", None)
+    return build_report(config, first["identifier_training"], first["classifiers"], dict(sorted(per_seed.items())))
 
 
 def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf):
@@ -285,8 +380,20 @@ def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf):
     return results, grids
 
 
+def write_report(report: dict, out: str) -> None:
+    from layergen.atomic import write_text_atomic
+
+    write_text_atomic(Path(out), json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge])
+        report["config"]["merged_from"] = [str(f) for f in args.merge]
+        write_report(report, args.out)
+        return report
     from layergen.models.figure_classifier import FigureClassifier
     from layergen.pipelines.pipeline_action import ActionPipeline
 
@@ -300,68 +407,20 @@ def main(argv=None):
     per_seed, grids = {}, {}
     for seed in args.seed:
         per_seed[seed], grids[seed] = run_seed(args, seed, pipe, trainer, pose_clf, subject_clf)
-    summary, results = pool(per_seed, args.methods, args.actions)
-    print()
-    print(f"held-out actions {', '.join(args.actions)}; {args.num_exemplars} exemplars, {args.steps} steps, "
-          f"{args.num_images} unseen subjects each, seed(s) {' '.join(map(str, args.seed))}")
-    print(f"{'method':<14}" + "".join(f"{k:>13}" for k in KEYS))
-    for m in args.methods:
-        print(f"{m:<14}" + "".join(f"{100 * summary[m][k]:>12.1f}%" for k in KEYS))
-    verdict = {}
-    if {"adi", "ti"} <= set(args.methods):
-        verdict["adi_minus_ti_action_points"] = 100 * (summary["adi"]["action_acc"] - summary["ti"]["action_acc"])
-        verdict["adi_subject_not_lower_than_ti"] = summary["adi"]["subject_acc"] >= summary["ti"]["subject_acc"]
-        if "text_seen" in summary:  # the base model's own cost of asking for an action in words
-            verdict["adi_minus_text_seen_subject_points"] = 100 * (summary["adi"]["subject_acc"]
-                                                                   - summary["text_seen"]["subject_acc"])
-        for abl in ("adi_no_mask", "adi_shared"):  # a part matters if removing it loses action-on-subject images
-            if abl in summary:
-                for k in ("action_acc", "subject_acc", "joint_acc"):
-                    verdict[f"adi_minus_{abl}_{k.split('_')[0]}_points"] = 100 * (summary["adi"][k]
-                                                                                   - summary[abl][k])
-        print("verdict:", json.dumps(verdict))
-    pairs = {}
-    for a, b in (("adi", "ti"), ("adi", "adi_no_mask"), ("adi", "adi_shared")):
-        if {a, b} <= set(args.methods):
-            pairs[f"{a}_vs_{b}"] = paired(per_seed, a, b, args.actions)
-            print(f"paired {a} vs {b}: " + ", ".join(f"{k} +{v['only_' + a]}/-{v['only_' + b]} (p {v['p']:.3f})"
-                                                   for k, v in pairs[f"{a}_vs_{b}"].items()))
-
-    by_action = {m: subject_by_action(per_seed, m, args.actions) for m in args.methods}
-    for m, v in by_action.items():
-        pct = {k: "-" if v[k] is None else f"{100 * v[k]:.1f}%" for k in ("with_action", "without_action")}
-        print(f"subject accuracy {m}: {pct['with_action']} of {v['images_with_action']} images with the action, "
-              f"{pct['without_action']} of {v['images_without_action']} without")
-
     clf_metrics = {}
     for name in ("pose", "subject"):
         f = clf_dir / name / "metrics.json"
         if f.is_file():
             clf_metrics[name] = json.loads(f.read_text())
-    report = {
-        "benchmark": "actions",
-        "description": __doc__.split("\n\n")[0].strip(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "save_images")},
+    report = build_report(
+        config={k: v for k, v in vars(args).items() if k not in ("out", "save_images", "merge")},
         # what every identifier was trained with: the trainer's settings (its defaults plus --extra), then each
         # method's own flags on top
-        "identifier_training": {k: v for k, v in vars(trainer.parse_args(
+        identifier_training={k: v for k, v in vars(trainer.parse_args(
             ["--name", "<x>", "--output_dir", ".", *shlex.split(args.extra)])).items()
             if k not in ("name", "output_dir", "output", "seed")},
-        "method_flags": {m: METHODS[m] for m in args.methods},
-        "classifiers": clf_metrics,
-        "summary": summary,
-        "verdict": verdict,
-        "paired": pairs,
-        "subject_by_action": by_action,
-        "per_action": results,
-        "per_seed": {str(seed): {"summary": pool({seed: r}, args.methods, args.actions)[0], "per_action": r}
-                     for seed, r in per_seed.items()},
-    }
-    out = Path(args.out)
-    from layergen.atomic import write_text_atomic
-
-    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+        classifiers=clf_metrics, per_seed=per_seed)
+    write_report(report, args.out)
     if args.save_images:
         from layergen.training_utils import save_image_grid
 

@@ -1,5 +1,7 @@
 """benchmarks/actions.py: the text_seen reference prompts and per-image scoring."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -105,3 +107,55 @@ def test_sign_test_p_values(bench):
 def test_several_seeds_parse(bench):
     assert bench.parse_args([]).seed == [0]
     assert bench.parse_args(["--seed", "0", "1", "2"]).seed == [0, 1, 2]
+
+
+def test_paired_difference_interval(bench):
+    # 4 images: a right where b is wrong twice, never the reverse -> +50 points
+    per_seed = {0: {"a": {"jump": _cell([1, 1, 1, 0], [1] * 4, {})}, "b": {"jump": _cell([1, 0, 0, 0], [1] * 4, {})}}}
+    act = bench.paired(per_seed, "a", "b", ["jump"])["action"]
+    assert act["difference_points"] == 50.0
+    half = 1.96 * np.sqrt((2 / 4 - 0.25) / 4)  # Wald, paired proportions
+    assert act["ci95_points"] == [round(100 * (0.5 - half), 2), round(100 * (0.5 + half), 2)]
+    subj = bench.paired(per_seed, "a", "b", ["jump"])["subject"]  # identical: a zero-width interval at 0
+    assert subj["difference_points"] == 0.0 and subj["ci95_points"] == [0.0, 0.0]
+
+
+def _report(bench, seeds, methods=("adi", "ti"), **config):
+    per_seed = {s: {"adi": {"jump": _cell([1, s % 2, 0, 1], [1, 1, 0, 1], {"jump": 2})},
+                    "ti": {"jump": _cell([0, 0, 1, 0], [1, 1, 1, 1], {"sit": 4})},
+                    "base": {"jump": _cell([0, 0, 0, 0], [1, 1, 1, 1], {"sit": 4})}} for s in seeds}
+    per_seed = {s: {m: r[m] for m in methods} for s, r in per_seed.items()}
+    cfg = {"methods": list(methods), "actions": ["jump"], "num_exemplars": 4, "steps": 600, "num_images": 4,
+           "seed": list(seeds), "identifier_steps": 0.7, "identifier_dir": "runs/x", **config}
+    return json.loads(json.dumps(bench.build_report(cfg, {"learning_rate": 0.05}, {}, per_seed)))  # as on disk
+
+
+def test_merged_seeds_score_like_one_run(bench):
+    one_run = _report(bench, [0, 1, 2])
+    merged = bench.merge_reports([_report(bench, [0, 1], methods=("adi", "ti", "base"), identifier_dir="a"),
+                                  _report(bench, [2], identifier_dir="b")])
+    assert merged["config"]["seed"] == [0, 1, 2] and merged["config"]["methods"] == ["adi", "ti"]
+    for key in ("summary", "verdict", "paired", "subject_by_action", "per_action", "per_seed"):
+        assert merged[key] == one_run[key], key
+    assert merged["paired"]["adi_vs_ti"]["action"]["images"] == 12
+
+
+def test_merge_refuses_other_configs_and_repeated_seeds(bench):
+    with pytest.raises(ValueError, match="differ in config.*identifier_steps"):
+        bench.merge_reports([_report(bench, [0]), _report(bench, [1], identifier_steps=1.0)])
+    with pytest.raises(ValueError, match="seed 0 is in more than one run"):
+        bench.merge_reports([_report(bench, [0]), _report(bench, [0, 1])])
+    other = _report(bench, [1])
+    other["identifier_training"]["learning_rate"] = 0.02
+    with pytest.raises(ValueError, match="differ in identifier_training"):
+        bench.merge_reports([_report(bench, [0]), other])
+
+
+def test_merge_cli_writes_the_pooled_report(bench, tmp_path):
+    for name, seeds in (("a.json", [0, 1]), ("b.json", [2])):
+        (tmp_path / name).write_text(json.dumps(_report(bench, seeds)))
+    out = tmp_path / "all.json"
+    report = bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)])
+    on_disk = json.loads(out.read_text())
+    assert on_disk["config"]["seed"] == [0, 1, 2] and on_disk["summary"] == report["summary"]
+    assert on_disk["config"]["merged_from"][1].endswith("b.json")
