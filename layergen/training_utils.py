@@ -266,3 +266,37 @@ def embed_texts(tokenizer, encoder, texts, batch: int = 64):
                           truncation=True, return_tensors="pt")
             out.append(encoder(t.input_ids, attention_mask=t.attention_mask)[0].half())
     return torch.cat(out)
+
+
+def rgb_latents(vae, images):
+    """fp16 scaled latent means of uint8 HxWx3 `images`: what the training caches store for RGB pictures."""
+    import torch
+
+    with torch.no_grad():
+        rgb = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return (vae.encode(rgb).latent_dist.mean * vae.config.scaling_factor).half()
+
+
+def layer_and_background_latents(vae, encoder, count: int, resolution: int, **progress) -> dict:
+    """fp16 latents of procedural object layers (through the transparent encoder) and of plain backgrounds, seeds
+    0..count-1, with their captions: train_layer_unet's text->layer / text->background data, which
+    train_multilayer replays. `progress`: tqdm keywords (desc, disable)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from layergen.data.scenes import make_object_layer, make_scene
+    from layergen.models.transparent_codec import encode_rgba
+
+    fg, bg, fg_caps, bg_caps = [], [], [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, count, 32), **progress):
+            seeds = range(start, min(start + 32, count))
+            objs = [make_object_layer(s, resolution, centred=False, exclude_heldout=True) for s in seeds]
+            scenes = [make_scene(s, resolution, num_objects=0) for s in seeds]
+            rgba = torch.from_numpy(np.stack([o.rgba for o in objs])).permute(0, 3, 1, 2).float() / 255
+            fg.append(encode_rgba(vae, encoder, rgba).half())
+            bg.append(rgb_latents(vae, [s.background for s in scenes]))
+            fg_caps += [o.caption for o in objs]
+            bg_caps += [s.background_caption for s in scenes]
+    return {"fg": torch.cat(fg) if fg else None, "bg": torch.cat(bg) if bg else None,
+            "fg_caps": fg_caps, "bg_caps": bg_caps}

@@ -167,3 +167,34 @@ def test_step_schedule_calls_its_factor_with_optimisation_steps():
 def test_due_counts_intervals_and_zero_means_never():
     assert [s for s in range(1, 10) if due(s, 3)] == [3, 6, 9]
     assert not any(due(s, 0) or due(s, None) for s in range(1, 10))
+
+
+def test_layer_and_background_latents_batch_like_one_by_one():
+    """The shared cache builder: fp16 scaled latent means of the procedural layers and backgrounds, in seed order
+    across its 32-seed batches, with matching captions; nothing for count 0."""
+    from diffusers import AutoencoderKL
+
+    from layergen.data.scenes import make_object_layer, make_scene
+    from layergen.models.transparent_codec import TransparentEncoder, encode_rgba
+    from layergen.training_utils import layer_and_background_latents, rgb_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                        scaling_factor=0.7).eval()
+    enc = TransparentEncoder(block_out_channels=(4, 8, 8, 8)).eval()
+    out = layer_and_background_latents(vae, enc, 34, 32, disable=True)
+    assert out["fg"].shape == out["bg"].shape == (34, 4, 4, 4) and out["fg"].dtype == torch.float16
+    for seed in (0, 33):  # first batch and second batch
+        obj = make_object_layer(seed, 32, centred=False, exclude_heldout=True)
+        scene = make_scene(seed, 32, num_objects=0)
+        assert out["fg_caps"][seed] == obj.caption and out["bg_caps"][seed] == scene.background_caption
+        rgb = torch.from_numpy(scene.background).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            bg = vae.encode(rgb).latent_dist.mean * 0.7
+            fg = encode_rgba(vae, enc, torch.from_numpy(obj.rgba).permute(2, 0, 1)[None].float() / 255)
+        torch.testing.assert_close(out["bg"][seed:seed + 1].float(), bg, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(out["fg"][seed:seed + 1].float(), fg, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(rgb_latents(vae, [scene.background]).float(), bg, atol=2e-3, rtol=2e-3)
+    empty = layer_and_background_latents(vae, enc, 0, 32, disable=True)
+    assert empty == {"fg": None, "bg": None, "fg_caps": [], "bg_caps": []}

@@ -121,7 +121,7 @@ def present_matrix(subjects) -> torch.Tensor:
 
 def build_pools(subjects, pool_size, seed, desc="sampling points", disable=False):
     """Pre-sampled supervision points for every (subject, layer): stacked tensors + the pair index."""
-    pairs, pts, alpha, rgb, surf, sig = [], [], [], [], [], []
+    pairs, pts, rgb, surf, sig = [], [], [], [], []
     for i, m in enumerate(tqdm(subjects, desc=desc, disable=disable)):
         g = torch.Generator().manual_seed(seed * 1_000_003 + m.seed)
         for k, name in enumerate(m.layers):
@@ -299,7 +299,8 @@ def evaluate(decoder, planes, present, subjects, args, out_dir=None, max_images=
         from layergen.training_utils import rgba_preview, save_image_grid
         save_image_grid([rgba_preview(s) for s in shown], Path(out_dir) / "eval_gt_vs_pred.png", cols=1)
     psnr = [r["psnr"] for r in rows]
-    return {"psnr": float(np.mean(psnr)), "psnr_min": float(np.min(psnr)), "ssim": float(np.mean([r["ssim"] for r in rows])),
+    return {"psnr": float(np.mean(psnr)), "psnr_min": float(np.min(psnr)),
+            "ssim": float(np.mean([r["ssim"] for r in rows])),
             "per_layer": {n: float(np.mean([r["psnr"] for r in rows if r["layer"] == n]))
                           for n in LAYER_NAMES if any(r["layer"] == n for r in rows)},
             "rows": rows}

@@ -25,7 +25,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure,
                                    subject_caption)
 from layergen.training_utils import (add_training_args, averaged_copy, due, embed_texts, finish_step, load_text_encoder,
-                                     optimizer_step, prepare_training, save_image_grid, save_text_pipeline,
+                                     optimizer_step, prepare_training, rgb_latents, save_image_grid, save_text_pipeline,
                                      start_accelerator)
 
 logger = logging.getLogger(__name__)
@@ -93,8 +92,7 @@ def build_cache(args, vae, tokenizer, text_encoder, accelerator):
     for start in tqdm(range(0, args.num_samples, bs), desc="caching latents",
                       disable=not accelerator.is_local_main_process):
         figs = [make_figure(s, args.resolution) for s in range(start, min(start + bs, args.num_samples))]
-        rgb = torch.from_numpy(np.stack([f.image for f in figs])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        lat.append((vae.encode(rgb).latent_dist.mean * vae.config.scaling_factor).half())
+        lat.append(rgb_latents(vae, [f.image for f in figs]))
         plain += [f.caption(with_action=False) for f in figs]
         verbed += [f.caption(with_action=True) for f in figs]
         actions += [f.action for f in figs]

@@ -303,11 +303,13 @@ def per_sample_grads(pipe, ident, states_fn, latents, prompts, noise, t, noise_s
         states, pooled, _ = states_fn.with_input(unique, override[first])
         states, pooled = states[where], (None if pooled is None else pooled[where])
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = pipe.unet(noisy, t, encoder_hidden_states=states.to(latents), **unet_kwargs(pipe, pooled, n, size)).sample
+        pred = pipe.unet(noisy, t, encoder_hidden_states=states.to(latents),
+                         **unet_kwargs(pipe, pooled, n, size)).sample
     elif ident.kind == "input":
         states, pooled, _ = states_fn.with_input(prompts, override)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        pred = pipe.unet(noisy, t, encoder_hidden_states=states.to(latents), **unet_kwargs(pipe, pooled, n, size)).sample
+        pred = pipe.unet(noisy, t, encoder_hidden_states=states.to(latents),
+                         **unet_kwargs(pipe, pooled, n, size)).sample
     else:
         states, pooled, mask = states_fn.fixed(prompts)
         noisy = noise_scheduler.add_noise(latents, noise, t)

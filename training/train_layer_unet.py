@@ -32,11 +32,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_scene
-from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder, encode_rgba
-from layergen.training_utils import (add_training_args, averaged_copy, due, embed_texts, finish_step, load_text_encoder,
-                                     optimizer_step, prepare_training, rgba_preview, save_image_grid,
-                                     save_text_pipeline, start_accelerator)
+from layergen.data.scenes import HELDOUT_SEED_START
+from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder
+from layergen.training_utils import (add_training_args, averaged_copy, due, embed_texts, finish_step,
+                                     layer_and_background_latents, load_text_encoder, optimizer_step,
+                                     prepare_training, rgba_preview, save_image_grid, save_text_pipeline,
+                                     start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -84,22 +85,12 @@ def build_cache(args, vae, encoder, tokenizer, text_encoder, accelerator):
     path = Path(args.output_dir) / f"cache-{args.num_samples}-{args.resolution}.pt"
     if path.exists():
         return torch.load(path)
-    fg, bg, fg_caps, bg_caps = [], [], [], []
-    bs = 32
-    for start in tqdm(range(0, args.num_samples, bs), desc="caching latents",
-                      disable=not accelerator.is_local_main_process):
-        seeds = range(start, min(start + bs, args.num_samples))
-        objs = [make_object_layer(s, args.resolution, centred=False, exclude_heldout=True) for s in seeds]
-        scenes = [make_scene(s, args.resolution, num_objects=0) for s in seeds]
-        rgba = torch.from_numpy(np.stack([o.rgba for o in objs])).permute(0, 3, 1, 2).float() / 255
-        fg.append(encode_rgba(vae, encoder, rgba).half())
-        rgb = torch.from_numpy(np.stack([s.background for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        bg.append((vae.encode(rgb).latent_dist.mean * vae.config.scaling_factor).half())
-        fg_caps += [o.caption for o in objs]
-        bg_caps += [s.background_caption for s in scenes]
+    lat = layer_and_background_latents(vae, encoder, args.num_samples, args.resolution, desc="caching latents",
+                                       disable=not accelerator.is_local_main_process)
+    fg_caps, bg_caps = lat["fg_caps"], lat["bg_caps"]
     captions = sorted(set(fg_caps + bg_caps) | {""})
     index = {c: i for i, c in enumerate(captions)}
-    cache = {"fg": torch.cat(fg), "bg": torch.cat(bg), "captions": captions,
+    cache = {"fg": lat["fg"], "bg": lat["bg"], "captions": captions,
              "text": embed_texts(tokenizer, text_encoder, captions),
              "fg_cap": torch.tensor([index[c] for c in fg_caps]), "bg_cap": torch.tensor([index[c] for c in bg_caps])}
     torch.save(cache, path)

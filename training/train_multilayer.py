@@ -40,13 +40,13 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_scene
+from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.layers.compositing import composite_layers
 from layergen.layout import Box
 from layergen.models.transparent_codec import encode_rgba
 from layergen.pipelines.pipeline_multilayer import crop_pixels, region_crop, resize_rgba
-from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step,
-                                     prepare_training, save_image_grid, start_accelerator)
+from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, layer_and_background_latents,
+                                     optimizer_step, prepare_training, rgb_latents, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -147,31 +147,22 @@ def build_cache(args, pipe, accelerator):
         conds, targets, caps = [], [], []
         for i in range(0, len(items), 32):
             part = items[i:i + 32]
-            rgb = torch.from_numpy(np.stack([c for c, _, _ in part])).permute(0, 3, 1, 2).float() / 127.5 - 1
-            conds.append((vae.encode(rgb).latent_dist.mean * vae.config.scaling_factor).half())
+            conds.append(rgb_latents(vae, [c for c, _, _ in part]))
             rgba = torch.from_numpy(np.stack([t for _, t, _ in part])).permute(0, 3, 1, 2).float() / 255
             targets.append(encode_rgba(vae, enc, rgba).half())
             caps += [c for _, _, c in part]
         captions.update(caps)
         region[shape] = {"cond": torch.cat(conds), "target": torch.cat(targets), "caps": caps}
-    fg, bg, fg_caps, bg_caps = [], [], [], []
-    for start in tqdm(range(0, args.num_replay, 32), desc="replay", disable=not accelerator.is_local_main_process):
-        seeds = range(start, min(start + 32, args.num_replay))
-        objs = [make_object_layer(s, args.resolution, centred=False, exclude_heldout=True) for s in seeds]
-        scenes = [make_scene(s, args.resolution, num_objects=0) for s in seeds]
-        rgba = torch.from_numpy(np.stack([o.rgba for o in objs])).permute(0, 3, 1, 2).float() / 255
-        fg.append(encode_rgba(vae, enc, rgba).half())
-        rgb = torch.from_numpy(np.stack([s.background for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        bg.append((vae.encode(rgb).latent_dist.mean * vae.config.scaling_factor).half())
-        fg_caps += [o.caption for o in objs]
-        bg_caps += [s.background_caption for s in scenes]
+    replay = layer_and_background_latents(vae, enc, args.num_replay, args.resolution, desc="replay",
+                                          disable=not accelerator.is_local_main_process)
+    fg_caps, bg_caps = replay["fg_caps"], replay["bg_caps"]
     captions.update(fg_caps + bg_caps)
     captions = sorted(captions)
     index = {c: i for i, c in enumerate(captions)}
     for g in region.values():
         g["cap"] = torch.tensor([index[c] for c in g.pop("caps")])
     cache = {"region": region, "captions": captions, "text": embed_texts(pipe, captions),
-             "replay": {"fg": torch.cat(fg) if fg else None, "bg": torch.cat(bg) if bg else None,
+             "replay": {"fg": replay["fg"], "bg": replay["bg"],
                         "fg_cap": torch.tensor([index[c] for c in fg_caps]),
                         "bg_cap": torch.tensor([index[c] for c in bg_caps])}}
     torch.save(cache, path)

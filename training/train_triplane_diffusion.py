@@ -16,11 +16,12 @@ the stage-1 decoder, a DDIM scheduler) in `<output_dir>/pipeline`.
     python training/train_triplane_diffusion.py --data_dir runs/human_stage1 --output_dir runs/human_stage2
 
 CPU notes: `--mixed_precision bf16` runs the UNet under bf16 autocast (~1.5x faster on CPUs
-with AVX512-BF16, but 16x slower, 6 s vs 0.37 s per step, on one without: measure first), `--snr_gamma 5` (Min-SNR weighting) converges several times faster than
-the plain loss, and `--pretrained_unet` continues from an earlier run's weights with a
-fresh optimiser and schedule. `--layer_weights shoes=3` draws examples of a layer class that
-many times as often as the others (small garments, whose residuals are a few texels, learn slowest). The shipped mini model: 1200 steps (lr 3e-4, plain loss),
-then 2000 steps from that EMA with lr 5e-4, Min-SNR 5, bf16 (see
+with AVX512-BF16, but 16x slower, 6 s vs 0.37 s per step, on one without: measure first),
+`--snr_gamma 5` (Min-SNR weighting) converges several times faster than the plain loss, and
+`--pretrained_unet` continues from an earlier run's weights with a fresh optimiser and schedule.
+`--layer_weights shoes=3` draws examples of a layer class that many times as often as the others
+(small garments, whose residuals are a few texels, learn slowest). The shipped mini model: 1200
+steps (lr 3e-4, plain loss), then 2000 steps from that EMA with lr 5e-4, Min-SNR 5, bf16 (see
 assets/layergen-mini/human/README.md).
 """
 from __future__ import annotations

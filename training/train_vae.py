@@ -143,7 +143,8 @@ def main(argv=None):
         if accelerator.sync_gradients:
             global_step = finish_step(accelerator, args, out, global_step, progress, {"loss": loss})
             if accelerator.is_main_process and due(global_step, args.validation_steps):
-                psnr = log_validation(accelerator.unwrap_model(model).vae, val_set, out / f"validation-{global_step}.png")
+                psnr = log_validation(accelerator.unwrap_model(model).vae, val_set,
+                                      out / f"validation-{global_step}.png")
                 accelerator.print(f"step {global_step}: held-out PSNR {psnr:.2f} dB")
 
     accelerator.wait_for_everyone()
