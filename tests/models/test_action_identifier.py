@@ -244,6 +244,33 @@ def test_pipeline_routes_identifier_in_conditional_branch_only(tmp_path):
     assert np.array_equal(again, plain)
 
 
+
+def test_identifier_survives_an_attention_backend_swap_after_loading(tmp_path):
+    """`enable_xformers_memory_efficient_attention()` / `set_attn_processor(...)` after loading replaces every
+    processor, wrappers included: the next call wraps the new ones again, so the identifier still acts, through
+    the chosen backend, and unloading leaves that backend in place."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = tiny_pipe()
+    ident = ActionIdentifier.for_unet(pipe.unet, "<jump>", initializer="star")
+    with torch.no_grad():
+        ident.embeddings.normal_(0, 3)
+    pipe.load_action_identifier(ident)
+    sdpa = pipe("a red <jump>", num_inference_steps=2, seed=0, output_type="latent").images
+    pipe.unet.set_attn_processor(AttnProcessor())  # what the xformers switch does, with its own processor
+    assert not any(isinstance(p, IdentifierAttnProcessor) for p in pipe.unet.attn_processors.values())
+    swapped = pipe("a red <jump>", num_inference_steps=2, seed=0, output_type="latent").images
+    torch.testing.assert_close(swapped, sdpa, atol=1e-4, rtol=1e-4)
+    procs = pipe.unet.attn_processors
+    wrapped = [p for p in procs.values() if isinstance(p, IdentifierAttnProcessor)]
+    assert len(wrapped) == len(cross_attention_layers(pipe.unet))
+    assert all(type(p.base) is AttnProcessor for p in wrapped)
+    pipe.unload_action_identifier()
+    assert all(type(p) is AttnProcessor for p in pipe.unet.attn_processors.values())
+    plain = pipe("a red star", num_inference_steps=2, seed=0, output_type="latent").images
+    assert (plain - swapped).abs().mean() > 1e-3  # the identifier did act on the swapped backend
+
+
 def test_identifier_file_roundtrip_and_other_unet_fails_clearly(tmp_path):
     pipe = tiny_pipe()
     ident = ActionIdentifier.for_unet(pipe.unet, "<jump>", initializer="star", base_model="mini-action")
