@@ -49,6 +49,8 @@ def match_layers(pred: list[np.ndarray], true: list[np.ndarray]) -> list[tuple[i
 
 
 def psnr(a, b, mask=None, cap: float = 60.0) -> float:
+    """PSNR in dB (uint8 scaled to [0, 1], floats taken as [0, 1]) over `mask` if given (NaN for an empty mask),
+    capped at `cap`: identical images give the cap, not infinity, so means over images stay finite."""
     a, b = _f(a), _f(b)
     d = (a - b) ** 2
     if mask is not None:

@@ -35,6 +35,7 @@ from diffusers.utils import BaseOutput
 
 from ..decompose.completion import BackgroundCompleter, StructureFill
 from ..decompose.matting import AlphaMatting, ClosedFormMatting, ForegroundExtraction, Unblend
+from ..decompose.metrics import psnr
 from ..decompose.proposals import (AutomaticProposer, BoxProposer, InstanceProposal, InstanceProposer, MaskProposer,
                                    PointProposer, dilate, erode, layered_fill, order_top_first)
 from ..errors import LayergenError
@@ -138,19 +139,6 @@ def load_image(image) -> np.ndarray:
         f = f[..., :3] * a + (1.0 - a)  # flatten over white (no-op when opaque)
     # quantise to 8 bits: layers are 8-bit, and exact re-compositing is defined on 8-bit pixels
     return np.floor(np.clip(f, 0, 1) * 255.0 + 0.5).astype(np.float32) / 255.0
-
-
-def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, cap: float = 100.0) -> float:
-    """PSNR in dB of two images (uint8 arrays are scaled to [0, 1], floats taken as [0, 1])."""
-    a = np.asarray(a, np.float64) / (255.0 if np.asarray(a).dtype == np.uint8 else 1.0)
-    b = np.asarray(b, np.float64) / (255.0 if np.asarray(b).dtype == np.uint8 else 1.0)
-    d = (a - b) ** 2
-    if mask is not None:
-        if not mask.any():
-            return float("nan")
-        d = d[mask]
-    mse = float(d.mean())
-    return cap if mse <= 10 ** (-cap / 10) else float(10 * np.log10(1.0 / mse))
 
 
 def estimate_translucency(image, background, body, min_background_std: float = 0.03):
@@ -437,7 +425,7 @@ class DecompositionPipeline(DiffusionPipeline):
             layer.name = f"instance {k + 1}"
             stack.add(layer)
         absorb_rounding(stack, img)
-        value = psnr(stack.composite()[..., :3], img)
+        value = psnr(stack.composite()[..., :3], img, cap=100.0)
         stack.metadata["recomposite_psnr"] = value
         self.maybe_free_model_hooks()
         out = DecompositionPipelineOutput(stack=stack, psnr=value, seconds=time.perf_counter() - start,
