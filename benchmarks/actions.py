@@ -301,9 +301,10 @@ MERGE_FREE = ("seed", "methods", "identifier_dir", "quick")
 
 
 def merge_reports(reports: list[dict]) -> dict:
-    """One report from several runs of the same benchmark config on different seeds (e.g. seeds added by a later
-    session): per-seed, image-by-image results are pooled; methods are those every run has. Runs that differ in
-    anything that changes the images (model, steps, identifier_steps, the trainer's settings...) are refused."""
+    """One report from several runs of the same benchmark config: other seeds (e.g. added by a later session), or
+    other methods on the same seeds. Per-seed, image-by-image results are pooled; the report keeps the methods that
+    every seed has. Runs that differ in anything that changes the images (model, steps, identifier_steps, the
+    trainer's settings...) are refused, and so is a seed x method that two runs both hold."""
     first = reports[0]
     for r in reports[1:]:
         for key in ("config", "identifier_training", "classifiers"):
@@ -312,16 +313,20 @@ def merge_reports(reports: list[dict]) -> dict:
             if a != b:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise ValueError(f"cannot merge: the runs differ in {key} ({', '.join(diff)})")
-    methods = [m for m in first["config"]["methods"] if all(m in r["config"]["methods"] for r in reports)]
-    per_seed = {}
+    per_seed: dict = {}
     for r in reports:
         for seed, run in r["per_seed"].items():
-            if int(seed) in per_seed:
-                raise ValueError(f"cannot merge: seed {seed} is in more than one run")
-            per_seed[int(seed)] = {m: run["per_action"][m] for m in methods}
+            cell = per_seed.setdefault(int(seed), {})
+            for m, by_action in run["per_action"].items():
+                if m in cell:
+                    raise ValueError(f"cannot merge: seed {seed} of {m} is in more than one run")
+                cell[m] = by_action
+    order = list(METHODS)
+    methods = [m for m in order if all(m in cell for cell in per_seed.values())]
+    per_seed = {s: {m: per_seed[s][m] for m in methods} for s in sorted(per_seed)}
     config = {**first["config"], "methods": methods, "seed": sorted(per_seed)}
     config.pop("identifier_dir", None)
-    return build_report(config, first["identifier_training"], first["classifiers"], dict(sorted(per_seed.items())))
+    return build_report(config, first["identifier_training"], first["classifiers"], per_seed)
 
 
 def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf):

@@ -138,12 +138,17 @@ def test_merged_seeds_score_like_one_run(bench):
     for key in ("summary", "verdict", "paired", "subject_by_action", "per_action", "per_seed"):
         assert merged[key] == one_run[key], key
     assert merged["paired"]["adi_vs_ti"]["action"]["images"] == 12
+    # other methods on the same seeds join them
+    split = bench.merge_reports([_report(bench, [0, 1, 2], methods=("adi",)),
+                                 _report(bench, [0, 1, 2], methods=("ti",))])
+    for key in ("summary", "verdict", "paired", "per_seed"):
+        assert split[key] == one_run[key], key
 
 
 def test_merge_refuses_other_configs_and_repeated_seeds(bench):
     with pytest.raises(ValueError, match="differ in config.*identifier_steps"):
         bench.merge_reports([_report(bench, [0]), _report(bench, [1], identifier_steps=1.0)])
-    with pytest.raises(ValueError, match="seed 0 is in more than one run"):
+    with pytest.raises(ValueError, match="seed 0 of adi is in more than one run"):
         bench.merge_reports([_report(bench, [0]), _report(bench, [0, 1])])
     other = _report(bench, [1])
     other["identifier_training"]["learning_rate"] = 0.02
