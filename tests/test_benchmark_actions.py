@@ -138,6 +138,8 @@ def test_merged_seeds_score_like_one_run(bench):
     for key in ("summary", "verdict", "paired", "subject_by_action", "per_action", "per_seed"):
         assert merged[key] == one_run[key], key
     assert merged["paired"]["adi_vs_ti"]["action"]["images"] == 12
+    interval = merged["paired"]["adi_vs_ti"]["subject"]["ci95_points"]
+    assert merged["verdict"]["adi_minus_ti_subject_ci95_points"] == interval
     # other methods on the same seeds join them
     split = bench.merge_reports([_report(bench, [0, 1, 2], methods=("adi",)),
                                  _report(bench, [0, 1, 2], methods=("ti",))])
