@@ -97,8 +97,8 @@ def parse_args(argv=None):
                         "again (e.g. to re-score with another --identifier_steps without retraining).")
     p.add_argument("--quick", action="store_true", help="1 action, 20 steps, 4 images: a smoke run")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="generate nothing: pool the seeds of earlier runs' JSON files (same config, other seeds) "
-                        "into one report at --out")
+                   help="generate nothing: pool earlier runs' JSON files (same config; other seeds, or other "
+                        "methods on the same seeds) into one report at --out")
     args = p.parse_args(argv)
     if args.quick:
         args.actions, args.steps, args.num_images = args.actions[:1], 20, 4
@@ -399,7 +399,18 @@ def write_report(report: dict, out: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.merge:
-        report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge])
+        reports = []
+        for f in args.merge:
+            try:
+                reports.append(json.loads(Path(f).read_text()))
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--merge: cannot read {f}: {e}")
+            if reports[-1].get("benchmark") != "actions" or "per_seed" not in reports[-1]:
+                raise SystemExit(f"--merge: {f} is not an actions benchmark report with per-seed results")
+        try:
+            report = merge_reports(reports)
+        except ValueError as e:
+            raise SystemExit(f"--merge: {e}")
         report["config"]["merged_from"] = [str(f) for f in args.merge]
         write_report(report, args.out)
         return report

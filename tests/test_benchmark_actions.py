@@ -166,3 +166,16 @@ def test_merge_cli_writes_the_pooled_report(bench, tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk["config"]["seed"] == [0, 1, 2] and on_disk["summary"] == report["summary"]
     assert on_disk["config"]["merged_from"][1].endswith("b.json")
+
+
+def test_merge_cli_rejects_unusable_files(bench, tmp_path):
+    good = tmp_path / "a.json"
+    good.write_text(json.dumps(_report(bench, [0])))
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "codec"}))
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "steps.json").write_text(json.dumps(_report(bench, [1], steps=300)))
+    for name, message in (("other.json", "not an actions benchmark report"), ("broken.json", "cannot read"),
+                          ("missing.json", "cannot read"), ("steps.json", "differ in config")):
+        with pytest.raises(SystemExit, match=message):
+            bench.main(["--merge", str(good), str(tmp_path / name), "--out", str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists()
