@@ -277,6 +277,17 @@ def rgb_latents(vae, images):
         return (vae.encode(rgb).latent_dist.mean * vae.config.scaling_factor).half()
 
 
+def rgba_latents(vae, encoder, images):
+    """fp16 latents of uint8 HxWx4 `images` through the transparent encoder: what the caches store for layers."""
+    import torch
+
+    from layergen.models.transparent_codec import encode_rgba
+
+    with torch.no_grad():
+        rgba = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+        return encode_rgba(vae, encoder, rgba).half()
+
+
 def layer_and_background_latents(vae, encoder, count: int, resolution: int, **progress) -> dict:
     """fp16 latents of procedural object layers (through the transparent encoder) and of plain backgrounds, seeds
     0..count-1, with their captions: train_layer_unet's text->layer / text->background data, which
@@ -285,7 +296,6 @@ def layer_and_background_latents(vae, encoder, count: int, resolution: int, **pr
     from tqdm.auto import tqdm
 
     from layergen.data.scenes import make_object_layer, make_scene
-    from layergen.models.transparent_codec import encode_rgba
 
     fg, bg, fg_caps, bg_caps = [], [], [], []
     with torch.no_grad():
@@ -293,8 +303,7 @@ def layer_and_background_latents(vae, encoder, count: int, resolution: int, **pr
             seeds = range(start, min(start + 32, count))
             objs = [make_object_layer(s, resolution, centred=False, exclude_heldout=True) for s in seeds]
             scenes = [make_scene(s, resolution, num_objects=0) for s in seeds]
-            rgba = torch.from_numpy(np.stack([o.rgba for o in objs])).permute(0, 3, 1, 2).float() / 255
-            fg.append(encode_rgba(vae, encoder, rgba).half())
+            fg.append(rgba_latents(vae, encoder, [o.rgba for o in objs]))
             bg.append(rgb_latents(vae, [s.background for s in scenes]))
             fg_caps += [o.caption for o in objs]
             bg_caps += [s.background_caption for s in scenes]

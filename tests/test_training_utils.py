@@ -176,7 +176,7 @@ def test_layer_and_background_latents_batch_like_one_by_one():
 
     from layergen.data.scenes import make_object_layer, make_scene
     from layergen.models.transparent_codec import TransparentEncoder, encode_rgba
-    from layergen.training_utils import layer_and_background_latents, rgb_latents
+    from layergen.training_utils import layer_and_background_latents, rgb_latents, rgba_latents
 
     torch.manual_seed(0)
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -196,5 +196,6 @@ def test_layer_and_background_latents_batch_like_one_by_one():
         torch.testing.assert_close(out["bg"][seed:seed + 1].float(), bg, atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(out["fg"][seed:seed + 1].float(), fg, atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(rgb_latents(vae, [scene.background]).float(), bg, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(rgba_latents(vae, enc, [obj.rgba]).float(), fg, atol=2e-3, rtol=2e-3)
     empty = layer_and_background_latents(vae, enc, 0, 32, disable=True)
     assert empty == {"fg": None, "bg": None, "fg_caps": [], "bg_caps": []}

@@ -43,10 +43,10 @@ from tqdm.auto import tqdm
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.layers.compositing import composite_layers
 from layergen.layout import Box
-from layergen.models.transparent_codec import encode_rgba
 from layergen.pipelines.pipeline_multilayer import crop_pixels, region_crop, resize_rgba
 from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, layer_and_background_latents,
-                                     optimizer_step, prepare_training, rgb_latents, save_image_grid, start_accelerator)
+                                     optimizer_step, prepare_training, rgb_latents, rgba_latents, save_image_grid,
+                                     start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,7 @@ def build_cache(args, pipe, accelerator):
         for i in range(0, len(items), 32):
             part = items[i:i + 32]
             conds.append(rgb_latents(vae, [c for c, _, _ in part]))
-            rgba = torch.from_numpy(np.stack([t for _, t, _ in part])).permute(0, 3, 1, 2).float() / 255
-            targets.append(encode_rgba(vae, enc, rgba).half())
+            targets.append(rgba_latents(vae, enc, [t for _, t, _ in part]))
             caps += [c for _, _, c in part]
         captions.update(caps)
         region[shape] = {"cond": torch.cat(conds), "target": torch.cat(targets), "caps": caps}

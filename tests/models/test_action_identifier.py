@@ -244,8 +244,7 @@ def test_pipeline_routes_identifier_in_conditional_branch_only(tmp_path):
     assert np.array_equal(again, plain)
 
 
-
-def test_identifier_survives_an_attention_backend_swap_after_loading(tmp_path):
+def test_identifier_survives_an_attention_backend_swap_after_loading():
     """`enable_xformers_memory_efficient_attention()` / `set_attn_processor(...)` after loading replaces every
     processor, wrappers included: the next call wraps the new ones again, so the identifier still acts, through
     the chosen backend, and unloading leaves that backend in place."""
