@@ -389,6 +389,20 @@ def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf):
     return results, grids
 
 
+def read_reports(files) -> list[dict]:
+    """The `--merge` inputs; ValueError for a file that cannot be read or is not an actions report."""
+    reports = []
+    for f in files:
+        try:
+            report = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {f}: {e}") from None
+        if report.get("benchmark") != "actions" or "per_seed" not in report:
+            raise ValueError(f"{f} is not an actions benchmark report with per-seed results")
+        reports.append(report)
+    return reports
+
+
 def write_report(report: dict, out: str) -> None:
     from layergen.atomic import write_text_atomic
 
@@ -399,18 +413,11 @@ def write_report(report: dict, out: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.merge:
-        reports = []
-        for f in args.merge:
-            try:
-                reports.append(json.loads(Path(f).read_text()))
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"--merge: cannot read {f}: {e}")
-            if reports[-1].get("benchmark") != "actions" or "per_seed" not in reports[-1]:
-                raise SystemExit(f"--merge: {f} is not an actions benchmark report with per-seed results")
         try:
-            report = merge_reports(reports)
-        except ValueError as e:
-            raise SystemExit(f"--merge: {e}")
+            report = merge_reports(read_reports(args.merge))
+        except ValueError as e:  # a usage error: message and exit 2, nothing written
+            print(f"actions.py: error: --merge: {e}", file=sys.stderr)
+            raise SystemExit(2)
         report["config"]["merged_from"] = [str(f) for f in args.merge]
         write_report(report, args.out)
         return report

@@ -168,7 +168,7 @@ def test_merge_cli_writes_the_pooled_report(bench, tmp_path):
     assert on_disk["config"]["merged_from"][1].endswith("b.json")
 
 
-def test_merge_cli_rejects_unusable_files(bench, tmp_path):
+def test_merge_cli_rejects_unusable_files(bench, tmp_path, capsys):
     good = tmp_path / "a.json"
     good.write_text(json.dumps(_report(bench, [0])))
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "codec"}))
@@ -176,6 +176,7 @@ def test_merge_cli_rejects_unusable_files(bench, tmp_path):
     (tmp_path / "steps.json").write_text(json.dumps(_report(bench, [1], steps=300)))
     for name, message in (("other.json", "not an actions benchmark report"), ("broken.json", "cannot read"),
                           ("missing.json", "cannot read"), ("steps.json", "differ in config")):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(SystemExit) as exit_info:
             bench.main(["--merge", str(good), str(tmp_path / name), "--out", str(tmp_path / "out.json")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
