@@ -27,6 +27,7 @@ Scores, from judges trained only on renders (`training/train_pose_classifier.py`
   subject_acc  subject classifier gets both species and colour of the *prompt*
   joint_acc    both at once: the action on the prompt's subject (the task itself)
   leak         subject classifier says one of the *exemplars'* subjects instead
+  background_acc  scene classifier says the *prompt's* background (where the judges folder has scene/)
   paired       per pair of methods, images only one of them got right (same subject, prompt and seed),
                with the exact two-sided sign-test p-value: is a gap more than seed noise?
 
@@ -74,7 +75,8 @@ METHODS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="ADI vs ablations vs Textual Inversion on held-out actions.")
     p.add_argument("--model", default=str(ROOT / "assets" / "layergen-mini" / "action"))
-    p.add_argument("--classifiers", default=None, help="Folder with pose/ and subject/ (default <model>/classifiers).")
+    p.add_argument("--classifiers", default=None,
+                   help="Folder with pose/, subject/ and optionally scene/ (default <model>/classifiers).")
     p.add_argument("--actions", nargs="+", default=list(HELDOUT_ACTIONS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--steps", type=int, default=600)
@@ -149,8 +151,9 @@ def identifier_cache_path(args, action: str, method: str, train_args) -> Path | 
     return Path(args.identifier_dir) / f"{action}-{method}-{key.hexdigest()[:10]}.safetensors"
 
 
-def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf) -> dict:
-    """`action`: the expected action, one for all images or a list with one per image."""
+def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf, scene_clf=None) -> dict:
+    """`action`: the expected action, one for all images or a list with one per image. `subjects`: the prompt's
+    (species, colour, background) per image; with a scene judge the background is scored too."""
     pose = pose_clf.predict(images)["action"]
     wanted = [action] * len(images) if isinstance(action, str) else list(action)
     subj = subject_clf.predict(images)
@@ -159,7 +162,7 @@ def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf) ->
     colour_ok = [subj["colour"][k] == subjects[k][1] for k in range(n)]
     action_ok = [p == a for p, a in zip(pose, wanted)]
     subject_ok = [a and b for a, b in zip(species_ok, colour_ok)]
-    return {
+    out = {
         "action_acc": float(np.mean(action_ok)),
         "subject_acc": float(np.mean(subject_ok)),
         # the task itself: the action drawn on the prompt's subject, in the same image
@@ -171,22 +174,33 @@ def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf) ->
         "correct": {"action": [int(a) for a in action_ok], "subject": [int(a) for a in subject_ok],
                     "joint": [int(a and b) for a, b in zip(action_ok, subject_ok)]},
     }
+    if scene_clf is not None:  # the prompt's background: the other half of the context an identifier may carry
+        background_ok = [b == subjects[k][2] for k, b in enumerate(scene_clf.predict(images)["background"])]
+        out["background_acc"] = float(np.mean(background_ok))
+        out["correct"]["background"] = [int(b) for b in background_ok]
+    return out
 
 
-KEYS = ("action_acc", "subject_acc", "joint_acc", "species_acc", "colour_acc", "leak")
+KEYS = ("action_acc", "subject_acc", "joint_acc", "species_acc", "colour_acc", "leak", "background_acc")
+
+
+def keys_of(per_seed: dict) -> list[str]:
+    """The scores every cell has (`background_acc` only where a scene judge scored the run)."""
+    cells = [c for run in per_seed.values() for by_action in run.values() for c in by_action.values()]
+    return [k for k in KEYS if all(k in c for c in cells)]
 
 
 def pool(per_seed: dict, methods, actions) -> tuple[dict, dict]:
     """Pooled `summary` (mean over seeds x actions, equal images each) and `per_action` (mean over seeds)."""
-    seeds = list(per_seed)
-    summary = {m: {k: float(np.mean([per_seed[s][m][a][k] for s in seeds for a in actions])) for k in KEYS}
+    seeds, keys = list(per_seed), keys_of(per_seed)
+    summary = {m: {k: float(np.mean([per_seed[s][m][a][k] for s in seeds for a in actions])) for k in keys}
                for m in methods}
     per_action = {}
     for m in methods:
         per_action[m] = {}
         for a in actions:
             cells = [per_seed[s][m][a] for s in seeds]
-            row = {k: float(np.mean([c[k] for c in cells])) for k in KEYS}
+            row = {k: float(np.mean([c[k] for c in cells])) for k in keys}
             row["poses"] = {}
             for c in cells:
                 for p, n in c["poses"].items():
@@ -210,7 +224,9 @@ def sign_test_p(wins: int, losses: int) -> float:
 def paired(per_seed: dict, a: str, b: str, actions) -> dict:
     """Images `a` got right and `b` did not, and the reverse, per score, over every seed and action."""
     out = {}
-    for key in ("action", "subject", "joint"):
+    for key in ("action", "subject", "joint", "background"):
+        if not all(key in per_seed[s][m][act]["correct"] for s in per_seed for m in (a, b) for act in actions):
+            continue
         x = [v for s in per_seed for act in actions for v in per_seed[s][a][act]["correct"][key]]
         y = [v for s in per_seed for act in actions for v in per_seed[s][b][act]["correct"][key]]
         wins = sum(1 for u, v in zip(x, y) if u and not v)
@@ -249,9 +265,10 @@ def build_report(config: dict, identifier_training: dict, classifiers: dict, per
     print()
     print(f"held-out actions {', '.join(actions)}; {config['num_exemplars']} exemplars, {config['steps']} steps, "
           f"{config['num_images']} unseen subjects each, seed(s) {' '.join(map(str, config['seed']))}")
-    print(f"{'method':<14}" + "".join(f"{k:>13}" for k in KEYS))
+    keys = keys_of(per_seed)
+    print(f"{'method':<14}" + "".join(f"{k:>15}" for k in keys))
     for m in methods:
-        print(f"{m:<14}" + "".join(f"{100 * summary[m][k]:>12.1f}%" for k in KEYS))
+        print(f"{m:<14}" + "".join(f"{100 * summary[m][k]:>14.1f}%" for k in keys))
     verdict = {}
     if {"adi", "ti"} <= set(methods):
         verdict["adi_minus_ti_action_points"] = 100 * (summary["adi"]["action_acc"] - summary["ti"]["action_acc"])
@@ -333,7 +350,7 @@ def merge_reports(reports: list[dict]) -> dict:
     return build_report(config, first["identifier_training"], first["classifiers"], per_seed)
 
 
-def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf):
+def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf, scene_clf=None):
     """Every method on every action for one seed: `{method: {action: scores}}` and the images."""
     torch.manual_seed(seed)
     results = {m: {} for m in args.methods}
@@ -377,7 +394,7 @@ def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf):
                 prompts = [f"{c} {ident.token}" for c in captions]
             learn_s = time.time() - t0
             images = pipe(prompts, seed=seed, output_type="np", identifier_steps=args.identifier_steps).images
-            res = score(images, subjects, ex_subjects, expected, pose_clf, subject_clf)
+            res = score(images, subjects, ex_subjects, expected, pose_clf, subject_clf, scene_clf)
             res["seconds"] = round(time.time() - t0, 1)
             res["learn_seconds"] = round(learn_s, 1)
             results[method][action] = res
@@ -427,15 +444,17 @@ def main(argv=None):
     clf_dir = Path(args.classifiers or Path(args.model) / "classifiers")
     pose_clf = FigureClassifier.from_pretrained(clf_dir / "pose", torch_dtype=torch.float32).eval()
     subject_clf = FigureClassifier.from_pretrained(clf_dir / "subject", torch_dtype=torch.float32).eval()
+    scene_clf = (FigureClassifier.from_pretrained(clf_dir / "scene", torch_dtype=torch.float32).eval()
+                 if (clf_dir / "scene").is_dir() else None)  # optional: older judge folders have none
     pipe = ActionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     trainer = load_training_module()
 
     per_seed, grids = {}, {}
     for seed in args.seed:
-        per_seed[seed], grids[seed] = run_seed(args, seed, pipe, trainer, pose_clf, subject_clf)
+        per_seed[seed], grids[seed] = run_seed(args, seed, pipe, trainer, pose_clf, subject_clf, scene_clf)
     clf_metrics = {}
-    for name in ("pose", "subject"):
+    for name in ("pose", "subject", "scene"):
         f = clf_dir / name / "metrics.json"
         if f.is_file():
             clf_metrics[name] = json.loads(f.read_text())

@@ -2,7 +2,8 @@
 
     python scripts/install_mini_action.py                                  # the runs/action/ defaults
     python scripts/install_mini_action.py --pipeline runs/action/base/pipeline \\
-        --pose runs/action/pose/classifier --subject runs/action/subject/classifier
+        --pose runs/action/pose/classifier --subject runs/action/subject/classifier \\
+        --scene runs/action/scene/classifier
 
 Every weight file is stored in fp16 (half the size; `from_pretrained` loads it back as fp32),
 so the folder stays under ~20 MB. The folder is built beside the target and swapped in
@@ -30,6 +31,8 @@ def main(argv=None):
     p.add_argument("--pipeline", default=str(ROOT / "runs" / "action" / "base" / "pipeline"))
     p.add_argument("--pose", default=str(ROOT / "runs" / "action" / "pose" / "classifier"))
     p.add_argument("--subject", default=str(ROOT / "runs" / "action" / "subject" / "classifier"))
+    p.add_argument("--scene", default=str(ROOT / "runs" / "action" / "scene" / "classifier"),
+                   help="Background judge (train_pose_classifier.py --task scene).")
     p.add_argument("--dest", default=str(ROOT / "assets" / "layergen-mini" / "action"))
     args = p.parse_args(argv)
 
@@ -43,7 +46,7 @@ def main(argv=None):
         for name in COMPONENTS:
             s = src / name
             (shutil.copytree if s.is_dir() else shutil.copy)(s, tmp / name)
-        for name, folder in (("pose", args.pose), ("subject", args.subject)):
+        for name, folder in (("pose", args.pose), ("subject", args.subject), ("scene", args.scene)):
             shutil.copytree(folder, tmp / "classifiers" / name)
         to_fp16(tmp)
     size = sum(f.stat().st_size for f in Path(args.dest).rglob("*") if f.is_file())

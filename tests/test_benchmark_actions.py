@@ -75,6 +75,30 @@ def _cell(action_ok, subject_ok, poses):
             "correct": {"action": list(action_ok), "subject": list(subject_ok), "joint": joint}}
 
 
+
+def test_scene_judge_scores_the_prompts_background(bench):
+    images = np.zeros((4, 8, 8, 3), np.float32)
+    subjects = [("cat", "red", "snow"), ("bird", "blue", "beach"), ("frog", "green", "room"), ("robot", "red", "night")]
+    pose = FakeJudge(action=["jump"] * 4)
+    subj = FakeJudge(species=["cat", "bird", "frog", "robot"], colour=["red", "blue", "green", "red"])
+    scene = FakeJudge(background=["snow", "meadow", "room", "snow"])
+    r = bench.score(images, subjects, set(), "jump", pose, subj, scene)
+    assert r["background_acc"] == 0.5 and r["correct"]["background"] == [1, 0, 1, 0]
+    assert "background_acc" not in bench.score(images, subjects, set(), "jump", pose, subj)
+    # pooled and paired only where every cell has it: runs scored without a scene judge still pool
+    cell = bench.score(images, subjects, set(), "jump", pose, subj, scene) | {"seconds": 1.0}
+    other = bench.score(images, subjects, set(), "jump", pose, subj, FakeJudge(background=["snow"] * 4))
+    per_seed = {0: {"adi": {"jump": cell}, "ti": {"jump": other | {"seconds": 1.0}}}}
+    summary, _ = bench.pool(per_seed, ["adi", "ti"], ["jump"])
+    assert summary["adi"]["background_acc"] == 0.5 and summary["ti"]["background_acc"] == 0.25
+    pairs = bench.paired(per_seed, "adi", "ti", ["jump"])["background"]
+    assert (pairs["only_adi"], pairs["only_ti"]) == (1, 0)  # image 2 (room) only adi; image 0 (snow) both
+    plain = {k: v for k, v in cell.items() if k != "background_acc"}
+    plain["correct"] = {k: v for k, v in cell["correct"].items() if k != "background"}
+    mixed = {0: {"adi": {"jump": plain}, "ti": {"jump": other | {"seconds": 1.0}}}}
+    assert "background_acc" not in bench.pool(mixed, ["adi", "ti"], ["jump"])[0]["adi"]
+    assert "background" not in bench.paired(mixed, "adi", "ti", ["jump"])
+
 def test_seeds_pool_image_by_image_and_pair_the_methods(bench):
     per_seed = {
         0: {"adi": {"jump": _cell([1, 1, 0, 0], [1, 1, 1, 0], {"jump": 2, "sit": 2})},

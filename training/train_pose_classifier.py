@@ -3,12 +3,13 @@
 
     python training/train_pose_classifier.py --task pose --output_dir runs/pose_clf
     python training/train_pose_classifier.py --task subject --output_dir runs/subject_clf
+    python training/train_pose_classifier.py --task scene --output_dir runs/scene_clf
 
 `--task pose` learns the 11 `ACTIONS` from the renders' known pose labels (position-aware
 features); `--task subject` learns species and colour (translation-invariant pooling: a
-species cue such as ears or a beak can be anywhere in the frame). Neither ever sees generator
-output: that independence is what lets `benchmarks/actions.py` score generators with them. To
-make them robust to what a latent generator does to pixels, a fraction of training images goes
+species cue such as ears or a beak can be anywhere in the frame); `--task scene` learns the 5
+backgrounds (global pooling). None ever sees generator output: that independence is what lets
+`benchmarks/actions.py` score generators with them. To make them robust to what a latent generator does to pixels, a fraction of training images goes
 through the frozen base VAE (`--vae`, encode + decode) and all get blur, noise and small shifts.
 
 Training seeds are below `HELDOUT_SEED_START`; accuracy on held-out seeds is printed and
@@ -30,17 +31,18 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from layergen.atomic import atomic_dir
-from layergen.data.figures import ACTIONS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure
+from layergen.data.figures import ACTIONS, FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure
 from layergen.models.figure_classifier import FigureClassifier
 from layergen.training_utils import finish_step, resume_step, start_accelerator, step_schedule
 
 logger = logging.getLogger(__name__)
 
-TASKS = {"pose": {"action": list(ACTIONS)}, "subject": {"species": list(SPECIES), "colour": list(FIGURE_COLOURS)}}
+TASKS = {"pose": {"action": list(ACTIONS)}, "subject": {"species": list(SPECIES), "colour": list(FIGURE_COLOURS)},
+         "scene": {"background": list(FIGURE_BACKGROUNDS)}}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a pose or subject classifier of procedural figures.")
+    p = argparse.ArgumentParser(description="Train a pose, subject or scene classifier of procedural figures.")
     p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--resolution", type=int, default=128)
@@ -54,7 +56,7 @@ def parse_args(argv=None):
                         "Also a judge trained only on renders, so independence is kept.")
     p.add_argument("--num_samples", type=int, default=6000)
     p.add_argument("--num_eval", type=int, default=600)
-    p.add_argument("--data_cache", default=None, help="Folder for the rendered-data cache (shared by both tasks; "
+    p.add_argument("--data_cache", default=None, help="Folder for the rendered-data cache (shared by all tasks; "
                                                         "default --output_dir).")
     p.add_argument("--vae", default=None, help="Base VAE folder: round-trip --vae_fraction of the images through it.")
     p.add_argument("--vae_fraction", type=float, default=0.5)

@@ -56,3 +56,25 @@ def test_bundled_judges_read_species_in_every_pose():
             species = subject.predict(batch)["species"]
             assert np.mean([s == f.species for s, f in zip(species, figs)]) >= bar, action
         assert np.mean([p == action for p in pose.predict(images)["action"]]) >= 0.9, action
+
+
+def test_bundled_scene_judge_reads_every_background():
+    """The action benchmark's background judge: on held-out renders of every background, in several poses,
+    clean and through the action VAE, it names the background."""
+    from diffusers import AutoencoderKL
+
+    from layergen.data.figures import FIGURE_BACKGROUNDS, HELDOUT_SEED_START, make_figure
+    from layergen.mini import mini_path
+
+    folder = mini_path("action")
+    scene = FigureClassifier.from_pretrained(folder / "classifiers" / "scene", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    for background in FIGURE_BACKGROUNDS:
+        figs = [make_figure(HELDOUT_SEED_START + 950_000 + k, 128, background=background) for k in range(8)]
+        images = np.stack([np.asarray(f.image)[..., :3] for f in figs])
+        with torch.no_grad():
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        round_trip = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for batch in (images, round_trip):
+            assert np.mean([b == background for b in scene.predict(batch)["background"]]) >= 0.95, background

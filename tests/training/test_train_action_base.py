@@ -93,7 +93,8 @@ def test_vae_finetune_and_classifiers(parts, tmp_path):
               str(tmp_path / "data"), "--vae", str(parts / "vae")]
     clf.main(["--task", "pose", "--output_dir", str(tmp_path / "pose"), *common])
     clf.main(["--task", "subject", "--output_dir", str(tmp_path / "subject"), *common])
-    assert len(list((tmp_path / "data").glob("figures-*.pt"))) == 1  # one render cache for both judges
+    clf.main(["--task", "scene", "--output_dir", str(tmp_path / "scene"), *common])
+    assert len(list((tmp_path / "data").glob("figures-*.pt"))) == 1  # one render cache for every judge
     from layergen.data.figures import ACTIONS, make_figure
     from layergen.models.figure_classifier import FigureClassifier
 
@@ -102,6 +103,8 @@ def test_vae_finetune_and_classifiers(parts, tmp_path):
     assert list(pose.config.heads) == ["action"] and list(pose.config.heads["action"]) == list(ACTIONS)
     pred = subject.predict([make_figure(s, 32).image for s in range(3)])
     assert set(pred) == {"species", "colour"} and len(pred["species"]) == 3
+    scene = FigureClassifier.from_pretrained(tmp_path / "scene" / "classifier")
+    assert scene.config.pooling == "global" and set(scene.predict([make_figure(0, 32).image])) == {"background"}
     metrics = json.loads((tmp_path / "pose" / "classifier" / "metrics.json").read_text())
     assert 0 <= metrics["heldout_accuracy"]["action"] <= 1
     # subjects are judged translation-invariantly, poses by where the limbs are

@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Can ADI's gradient statistics tell an action apart from appearance? (mechanism behind the mask ablation)
+
+What it measures: the gradient-invariance mask keeps the identifier channels whose gradient reacts to the
+action (anchor vs *action-different* image: same subject, another pose) more than to the context (anchor vs
+*context-different* image: another exemplar of the action). A mask can only protect the subject if the
+channels it keeps carry less of a *subject* change than of a pose change. This script measures exactly that,
+on the bundled mini action model, the benchmark's held-out actions and exemplars:
+
+  for every held-out action, per-sample identifier gradients (the trainer's own `per_sample_grads`, same
+  noise and timestep within a triple, focal timesteps) for `--draws` steps of 4 triples, plus two *probes* the
+  trainer never sees: the anchor re-rendered as another species (same pose jitter, colour, background) and
+  as another colour. Mask statistics come from the first half of the draws; on the second half, for each
+  mask score, the fraction of the squared gradient difference each mask keeps (per layer, averaged):
+
+    pose     anchor vs action-different image (what the mask should keep)
+    context  anchor vs context-different image (what it is built to drop)
+    species  anchor vs its other-species probe (what leaks in the benchmark)
+    colour   anchor vs its other-colour probe
+    update   the no-mask update, summed over the held-out draws (what learning the action needs)
+
+A random mask keeps half of everything. Scores: `shipped` (d_act - d_ctx per channel, as trained),
+`ratio` (d_act / d_ctx per channel), `rotated` (the same statistic in the eigenbasis of the difference of the
+two gradient-difference covariances: the best any *basis*, not just channels, could do), `random`.
+Gradients are taken at the initial identifier and after `--steps` steps of no-mask training, for exemplars
+of 4 species (`distinct`, the benchmark default) and of one species (`same`). Seed 0 throughout.
+
+    python benchmarks/action_mask_separation.py          # ~15 min on 2 CPU cores
+    python benchmarks/action_mask_separation.py --quick  # smoke run
+
+Table to stdout, JSON to benchmarks/results/action_mask_separation.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from layergen.data.figures import (FIGURE_COLOURS, HELDOUT_ACTIONS, HELDOUT_SEED_START, SPECIES,  # noqa: E402
+                                   exemplar_set, render_figure)
+
+KINDS = ("pose", "context", "species", "colour", "update")
+SCORES = ("shipped", "ratio", "rotated", "random")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="How much of a pose vs a subject change each identifier mask keeps.")
+    p.add_argument("--model", default=str(ROOT / "assets" / "layergen-mini" / "action"))
+    p.add_argument("--actions", nargs="+", default=list(HELDOUT_ACTIONS))
+    p.add_argument("--draws", type=int, default=96, help="Steps of 4 triples per action (half fit, half held out).")
+    p.add_argument("--steps", type=int, default=600, help="No-mask training steps before the second measurement.")
+    p.add_argument("--settings", nargs="+", default=["distinct", "same"], choices=["distinct", "same"])
+    p.add_argument("--quick", action="store_true", help="Smoke run: one action, 8 draws, 2 training steps.")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "action_mask_separation.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.actions, args.draws, args.steps = args.actions[:1], 8, 2
+    if args.draws < 4 or args.draws % 2:
+        p.error("--draws must be an even number >= 4")
+    return args
+
+
+def load_training_module():
+    spec = importlib.util.spec_from_file_location("train_action_identifier",
+                                                  ROOT / "training" / "train_action_identifier.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def probes(samples, a_seed: int, action: str, size: int):
+    """Each exemplar re-rendered with one factor changed and every random draw (pose jitter, placement,
+    background details) the same: another species, and another colour."""
+    out = {"species": [], "colour": []}
+    colours = list(FIGURE_COLOURS)
+    for k, s in enumerate(samples):
+        other_species = SPECIES[(SPECIES.index(s.species) + 1 + k % 3) % len(SPECIES)]
+        other_colour = colours[(colours.index(s.colour) + 1 + k % 5) % len(colours)]
+        for kind, (sp, col) in (("species", (other_species, s.colour)), ("colour", (s.species, other_colour))):
+            out[kind].append(render_figure(sp, col, s.background, action, size,
+                                           np.random.default_rng([a_seed, 7, k]), seed=a_seed * 100 + k).image)
+    return out
+
+
+def gradients(T, pipe, ident, exemplars, contrast, probe_images, draws: int) -> torch.Tensor:
+    """draws x 5 (anchor, context partner, action partner, species probe, colour probe) x 4 x rows x D."""
+    from diffusers import DDPMScheduler
+
+    states = T.TextStates(pipe, ident)
+    token = ident.token
+    prompts = [T.prompt_for("{caption} {token}", e["caption"], token) for e in exemplars]
+    x_ex = T.encode_images(pipe, [e["image"] for e in exemplars])
+    x_pr = [T.encode_images(pipe, probe_images[k]) for k in ("species", "colour")]
+    x_ct = [T.encode_images(pipe, [c["image"] for c in cs]) for cs in contrast]
+    p_ct = [[T.prompt_for("{caption} {token}", c["caption"], token) for c in cs] for cs in contrast]
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(0)
+    n, b, out = len(exemplars), 4, []
+    for _ in range(draws):
+        anchor = torch.randint(0, n, (b,), generator=gen)
+        partner = (anchor + torch.randint(1, n, (b,), generator=gen)) % n
+        noise = torch.randn((b,) + tuple(x_ex.shape[1:]), generator=gen)
+        t = T.sample_timesteps(b, noise_scheduler.config.num_train_timesteps, "focal", gen)
+        pick = [int(torch.randint(0, len(x_ct[i]), (1,), generator=gen)) for i in anchor.tolist()]
+        latents = torch.cat([x_ex[anchor], x_ex[partner], torch.stack([x_ct[i][k] for i, k in
+                                                                       zip(anchor.tolist(), pick)]),
+                             x_pr[0][anchor], x_pr[1][anchor]])
+        own = [prompts[i] for i in anchor.tolist()]  # probes keep the anchor's caption: the identifier must explain
+        prm = own + [prompts[i] for i in partner.tolist()] + [p_ct[i][k] for i, k in zip(anchor.tolist(), pick)]
+        _, g = T.per_sample_grads(pipe, ident, states, latents, prm + own + own, noise.repeat(5, 1, 1, 1),
+                                  t.repeat(5), noise_scheduler, pipe.default_size())
+        out.append(g.view(5, b, *g.shape[1:]))
+    return torch.stack(out).double()
+
+
+def keep_bases(fit: torch.Tensor) -> dict:
+    """Orthonormal bases (D x D/2) of what each mask score keeps, fitted on `fit` (n x 5 x b x D, one row)."""
+    dim = fit.shape[-1]
+    d_act = (fit[:, 0] - fit[:, 2]).reshape(-1, dim)
+    d_ctx = (fit[:, 0] - fit[:, 1]).reshape(-1, dim)
+    a, c = d_act.abs().mean(0), d_ctx.abs().mean(0)
+    eye = torch.eye(dim, dtype=fit.dtype)
+    k = dim // 2
+
+    def top(score):
+        return eye[:, torch.argsort(score, descending=True, stable=True)[:k]]
+
+    cov_a, cov_c = d_act.T @ d_act, d_ctx.T @ d_ctx
+    _, vectors = torch.linalg.eigh(cov_a / cov_a.trace() - cov_c / cov_c.trace())
+    gen = torch.Generator().manual_seed(0)
+    return {"shipped": top(a / a.mean() - c / c.mean()), "ratio": top(a / c.clamp_min(1e-12)),
+            "rotated": vectors[:, -k:], "random": top(torch.rand(dim, generator=gen, dtype=fit.dtype))}
+
+
+def kept_fractions(grads: torch.Tensor) -> dict:
+    """{score: {kind: kept fraction}} averaged over the identifier's rows (layers)."""
+    half = grads.shape[0] // 2
+    acc = {s: {k: [] for k in KINDS} for s in SCORES}
+    for row in range(grads.shape[3]):
+        fit, held = grads[:half, :, :, row], grads[half:, :, :, row]
+        dim = held.shape[-1]
+        diffs = {"pose": held[:, 0] - held[:, 2], "context": held[:, 0] - held[:, 1],
+                 "species": held[:, 0] - held[:, 3], "colour": held[:, 0] - held[:, 4],
+                 "update": ((held[:, 0] + held[:, 1]) / 2).sum((0, 1))[None]}
+        for score, basis in keep_bases(fit).items():
+            for kind, x in diffs.items():
+                x = x.reshape(-1, dim)
+                acc[score][kind].append(float((x @ basis).pow(2).sum() / x.pow(2).sum().clamp_min(1e-30)))
+    return {s: {k: float(np.mean(v)) for k, v in by_kind.items()} for s, by_kind in acc.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    T = load_training_module()
+    from layergen.models.action_identifier import ActionIdentifier
+
+    pipe = T.load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    size = pipe.default_size()
+    results = {}
+    for setting in args.settings:
+        for action in args.actions:
+            a_seed = HELDOUT_SEED_START + 1000 * HELDOUT_ACTIONS.index(action)  # the benchmark's exemplars
+            one = SPECIES[HELDOUT_ACTIONS.index(action) % len(SPECIES)] if setting == "same" else None
+            samples = exemplar_set(action, 4, seed=a_seed, size=size, species=one)
+            exemplars = [{"image": s.image, "caption": s.caption(), "stem": str(k), **s.metadata()}
+                         for k, s in enumerate(samples)]
+            targs = T.parse_args(["--name", "<probe>", "--output_dir", ".", "--mask_quantile", "0",
+                                  "--steps", str(args.steps), "--validation_steps", "0",
+                                  "--checkpointing_steps", str(10 ** 9)])
+            contrast = T.build_contrast(T.parse_args(["--name", "<probe>", "--output_dir", "."]), exemplars, pipe,
+                                        size)
+            probe_images = probes(samples, a_seed, action, size)
+            ident = ActionIdentifier.for_unet(pipe.unet, "<probe>", kind="layerwise",
+                                              initializer=targs.initializer_token)
+            states = T.TextStates(pipe, ident)
+            with torch.no_grad():
+                prompts = [T.prompt_for(targs.template, e["caption"], ident.token) for e in exemplars]
+                ident.embeddings.copy_(states.initial_vector(prompts)[None].expand_as(ident.embeddings))
+            for stage in ("init", "trained"):
+                if stage == "trained":
+                    with tempfile.TemporaryDirectory() as tmp:
+                        targs.output_dir = tmp
+                        trained = T.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
+                    with torch.no_grad():
+                        ident.embeddings.copy_(trained.embeddings)
+                grads = gradients(T, pipe, ident, exemplars, contrast, probe_images, args.draws)
+                results.setdefault(setting, {}).setdefault(stage, {})[action] = kept_fractions(grads)
+                print(f"{setting:>8} {stage:>7} {action:>5}: " + "  ".join(
+                    f"{s} {results[setting][stage][action][s]['pose']:.2f}/"
+                    f"{results[setting][stage][action][s]['species']:.2f}" for s in SCORES), flush=True)
+
+    summary = {}
+    print("\nkept fraction of each gradient difference (mean over actions and layers; random keeps 0.50)")
+    print(f"{'exemplars':<10}{'stage':<9}{'score':<9}" + "".join(f"{k:>9}" for k in KINDS) + f"{'pose/species':>14}")
+    for setting, by_stage in results.items():
+        for stage, by_action in by_stage.items():
+            for score in SCORES:
+                row = {k: float(np.mean([by_action[a][score][k] for a in by_action])) for k in KINDS}
+                row["pose_over_species"] = row["pose"] / max(row["species"], 1e-12)
+                summary.setdefault(setting, {}).setdefault(stage, {})[score] = row
+                print(f"{setting:<10}{stage:<9}{score:<9}" + "".join(f"{row[k]:>9.3f}" for k in KINDS)
+                      + f"{row['pose_over_species']:>14.2f}")
+    report = {"benchmark": "action_mask_separation", "description": __doc__.split("\n\n")[0].strip(),
+              "config": {k: v for k, v in vars(args).items() if k != "out"}, "summary": summary,
+              "per_action": results}
+    from layergen.atomic import write_text_atomic
+
+    write_text_atomic(Path(args.out), json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
