@@ -9,8 +9,9 @@
 features); `--task subject` learns species and colour (translation-invariant pooling: a
 species cue such as ears or a beak can be anywhere in the frame); `--task scene` learns the 5
 backgrounds (global pooling). None ever sees generator output: that independence is what lets
-`benchmarks/actions.py` score generators with them. To make them robust to what a latent generator does to pixels, a fraction of training images goes
-through the frozen base VAE (`--vae`, encode + decode) and all get blur, noise and small shifts.
+`benchmarks/actions.py` score generators with them. To make them robust to what a latent generator
+does to pixels, a fraction of training images goes through the frozen base VAE (`--vae`, encode +
+decode) and all get blur, noise and small shifts.
 
 Training seeds are below `HELDOUT_SEED_START`; accuracy on held-out seeds is printed and
 saved in `<output_dir>/classifier/metrics.json`, overall and split into clean renders and VAE
