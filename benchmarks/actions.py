@@ -327,10 +327,15 @@ def merge_reports(reports: list[dict]) -> dict:
     every seed has. Runs that differ in anything that changes the images (model, steps, identifier_steps, the
     trainer's settings...) are refused, and so is a seed x method that two runs both hold."""
     first = reports[0]
+    judges = [j for j in first["classifiers"] if all(j in r["classifiers"] for r in reports)]
     for r in reports[1:]:
         for key in ("config", "identifier_training", "classifiers"):
-            a = {k: v for k, v in first[key].items() if key != "config" or k not in MERGE_FREE}
-            b = {k: v for k, v in r[key].items() if key != "config" or k not in MERGE_FREE}
+            # a judge only some runs had (the scene judge, added in session 15) adds a score and changes no other:
+            # the judges all runs share must match, and the merged report keeps only their scores
+            a = {k: v for k, v in first[key].items() if (k not in MERGE_FREE if key == "config" else
+                                                          key != "classifiers" or k in judges)}
+            b = {k: v for k, v in r[key].items() if (k not in MERGE_FREE if key == "config" else
+                                                      key != "classifiers" or k in judges)}
             if a != b:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise ValueError(f"cannot merge: the runs differ in {key} ({', '.join(diff)})")
@@ -347,7 +352,8 @@ def merge_reports(reports: list[dict]) -> dict:
     per_seed = {s: {m: per_seed[s][m] for m in methods} for s in sorted(per_seed)}
     config = {**first["config"], "methods": methods, "seed": sorted(per_seed)}
     config.pop("identifier_dir", None)
-    return build_report(config, first["identifier_training"], first["classifiers"], per_seed)
+    return build_report(config, first["identifier_training"], {j: first["classifiers"][j] for j in judges},
+                        per_seed)
 
 
 def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf, scene_clf=None):

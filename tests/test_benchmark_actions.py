@@ -182,6 +182,38 @@ def test_merge_refuses_other_configs_and_repeated_seeds(bench):
         bench.merge_reports([_report(bench, [0]), other])
 
 
+
+def test_merge_keeps_the_judges_every_run_had(bench):
+    """A run scored with the (later) scene judge merges with one scored without it: the shared judges must match,
+    and the merged report has only their scores, exactly as if no run had had the scene judge."""
+    judges = {"pose": {"heldout_accuracy": {"action": 0.99}}, "subject": {"heldout_accuracy": {"species": 0.99}}}
+
+    def run(seeds, scene=None, pose=0.99):
+        per_seed = {s: {"adi": {"jump": _cell([1, s % 2, 0, 1], [1, 1, 0, 1], {"jump": 2})},
+                        "ti": {"jump": _cell([0, 0, 1, 0], [1, 1, 1, 1], {"sit": 4})}} for s in seeds}
+        clf = json.loads(json.dumps(judges))
+        clf["pose"]["heldout_accuracy"]["action"] = pose
+        if scene is not None:
+            clf["scene"] = {"heldout_accuracy": {"background": 1.0}}
+            for cells in per_seed.values():
+                for by_action in cells.values():
+                    by_action["jump"]["background_acc"] = sum(scene) / len(scene)
+                    by_action["jump"]["correct"]["background"] = list(scene)
+        cfg = {"methods": ["adi", "ti"], "actions": ["jump"], "num_exemplars": 4, "steps": 600, "num_images": 4,
+               "seed": list(seeds), "identifier_steps": 0.7}
+        return json.loads(json.dumps(bench.build_report(cfg, {"learning_rate": 0.05}, clf, per_seed)))
+
+    with_scene = run([1], scene=[1, 0, 1, 1])
+    assert with_scene["summary"]["adi"]["background_acc"] == 0.75 and "background" in with_scene["paired"]["adi_vs_ti"]
+    merged = bench.merge_reports([run([0]), with_scene])
+    plain = bench.merge_reports([run([0]), run([1])])
+    assert merged["classifiers"] == judges == plain["classifiers"]
+    for key in ("summary", "verdict", "paired"):
+        assert merged[key] == plain[key], key
+    assert "background_acc" not in merged["summary"]["adi"]
+    with pytest.raises(ValueError, match="differ in classifiers"):  # a shared judge that changed still refuses
+        bench.merge_reports([run([0]), run([1], scene=[1, 1, 1, 1], pose=0.9)])
+
 def test_merge_cli_writes_the_pooled_report(bench, tmp_path):
     for name, seeds in (("a.json", [0, 1]), ("b.json", [2])):
         (tmp_path / name).write_text(json.dumps(_report(bench, seeds)))
