@@ -25,7 +25,7 @@ two gradient-difference covariances: the best any *basis*, not just channels, co
 Gradients are taken at the initial identifier and after `--steps` steps of no-mask training, for exemplars
 of 4 species (`distinct`, the benchmark default) and of one species (`same`). Seed 0 throughout.
 
-    python benchmarks/action_mask_separation.py          # ~15 min on 2 CPU cores
+    python benchmarks/action_mask_separation.py          # ~20 min on one CPU core
     python benchmarks/action_mask_separation.py --quick  # smoke run
 
 Table to stdout, JSON to benchmarks/results/action_mask_separation.json.
