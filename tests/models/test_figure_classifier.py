@@ -30,28 +30,41 @@ def test_unknown_pooling_is_refused():
         FigureClassifier(pooling="avg")
 
 
+def _bundled_judge(name: str) -> FigureClassifier:
+    from layergen.mini import mini_path
+
+    return FigureClassifier.from_pretrained(mini_path("action") / "classifiers" / name,
+                                            torch_dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _held_out_renders(first_seed: int, n: int, **factors):
+    """n held-out renders with `factors` fixed: (figures, uint8 images, the same through the action VAE — what
+    generated images look like to a judge)."""
+    from diffusers import AutoencoderKL
+
+    from layergen.data.figures import HELDOUT_SEED_START, make_figure
+    from layergen.mini import mini_path
+
+    figs = [make_figure(HELDOUT_SEED_START + first_seed + k, 128, **factors) for k in range(n)]
+    images = np.stack([np.asarray(f.image)[..., :3] for f in figs])
+    vae = AutoencoderKL.from_pretrained(mini_path("action") / "vae", torch_dtype=torch.float32).eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return figs, images, ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def test_bundled_judges_read_species_in_every_pose():
     """The action benchmark compares methods that draw different poses, so the subject judge must not depend
     on the pose: on held-out renders, clean and through the action VAE (what generated images look like), it
     reads the species right in every action. The first bundled judge did not: 83 % on clean sit and bow
     renders, 48-65 % on VAE round trips of bow and kick against 92 % for stand, penalising exactly the
     methods that draw the action."""
-    from diffusers import AutoencoderKL
+    from layergen.data.figures import ACTIONS
 
-    from layergen.data.figures import ACTIONS, HELDOUT_SEED_START, make_figure
-    from layergen.mini import mini_path
-
-    folder = mini_path("action")
-    subject = FigureClassifier.from_pretrained(folder / "classifiers" / "subject", torch_dtype=torch.float32).eval()
-    pose = FigureClassifier.from_pretrained(folder / "classifiers" / "pose", torch_dtype=torch.float32).eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    subject, pose = _bundled_judge("subject"), _bundled_judge("pose")
     for action in ACTIONS:
-        figs = [make_figure(HELDOUT_SEED_START + 900_000 + k, 128, action=action) for k in range(12)]
-        images = np.stack([np.asarray(f.image)[..., :3] for f in figs])
-        with torch.no_grad():
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        round_trip = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        figs, images, round_trip = _held_out_renders(900_000, 12, action=action)
         for batch, bar in ((images, 0.9), (round_trip, 0.85)):
             species = subject.predict(batch)["species"]
             assert np.mean([s == f.species for s, f in zip(species, figs)]) >= bar, action
@@ -61,20 +74,10 @@ def test_bundled_judges_read_species_in_every_pose():
 def test_bundled_scene_judge_reads_every_background():
     """The action benchmark's background judge: on held-out renders of every background, in several poses,
     clean and through the action VAE, it names the background."""
-    from diffusers import AutoencoderKL
+    from layergen.data.figures import FIGURE_BACKGROUNDS
 
-    from layergen.data.figures import FIGURE_BACKGROUNDS, HELDOUT_SEED_START, make_figure
-    from layergen.mini import mini_path
-
-    folder = mini_path("action")
-    scene = FigureClassifier.from_pretrained(folder / "classifiers" / "scene", torch_dtype=torch.float32).eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    scene = _bundled_judge("scene")
     for background in FIGURE_BACKGROUNDS:
-        figs = [make_figure(HELDOUT_SEED_START + 950_000 + k, 128, background=background) for k in range(8)]
-        images = np.stack([np.asarray(f.image)[..., :3] for f in figs])
-        with torch.no_grad():
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        round_trip = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        _, images, round_trip = _held_out_renders(950_000, 8, background=background)
         for batch in (images, round_trip):
             assert np.mean([b == background for b in scene.predict(batch)["background"]]) >= 0.95, background
