@@ -21,7 +21,10 @@ on the bundled mini action model, the benchmark's held-out actions and exemplars
 
 A random mask keeps half of everything. Scores: `shipped` (d_act - d_ctx per channel, as trained),
 `ratio` (d_act / d_ctx per channel), `rotated` (the same statistic in the eigenbasis of the difference of the
-two gradient-difference covariances: the best any *basis*, not just channels, could do), `random`.
+two gradient-difference covariances: what a rotated basis, not just channels, could do), `twin` and
+`twin_rotated` (d_ctx replaced by d_subj = |g_action - g_twin|, where the twin is the action-different image
+re-rendered as another species with the same draws and caption: a clean subject-only contrast, built from seen
+poses only, which the trainer does not have), `random`.
 Gradients are taken at the initial identifier and after `--steps` steps of no-mask training, for exemplars
 of 4 species (`distinct`, the benchmark default) and of one species (`same`). Seed 0 throughout.
 
@@ -46,10 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layergen.data.figures import (FIGURE_COLOURS, HELDOUT_ACTIONS, HELDOUT_SEED_START, SPECIES,  # noqa: E402
-                                   exemplar_set, render_figure)
+                                   contrast_set, exemplar_set, render_figure)
 
 KINDS = ("pose", "context", "species", "colour", "update")
-SCORES = ("shipped", "ratio", "rotated", "random")
+SCORES = ("shipped", "ratio", "rotated", "twin", "twin_rotated", "random")
 
 
 def parse_args(argv=None):
@@ -77,22 +80,27 @@ def load_training_module():
     return module
 
 
+def other_species(species: str, k: int) -> str:
+    return SPECIES[(SPECIES.index(species) + 1 + k % 3) % len(SPECIES)]
+
+
 def probes(samples, a_seed: int, action: str, size: int):
     """Each exemplar re-rendered with one factor changed and every random draw (pose jitter, placement,
     background details) the same: another species, and another colour."""
     out = {"species": [], "colour": []}
     colours = list(FIGURE_COLOURS)
     for k, s in enumerate(samples):
-        other_species = SPECIES[(SPECIES.index(s.species) + 1 + k % 3) % len(SPECIES)]
+        other = other_species(s.species, k)
         other_colour = colours[(colours.index(s.colour) + 1 + k % 5) % len(colours)]
-        for kind, (sp, col) in (("species", (other_species, s.colour)), ("colour", (s.species, other_colour))):
+        for kind, (sp, col) in (("species", (other, s.colour)), ("colour", (s.species, other_colour))):
             out[kind].append(render_figure(sp, col, s.background, action, size,
                                            np.random.default_rng([a_seed, 7, k]), seed=a_seed * 100 + k).image)
     return out
 
 
-def gradients(T, pipe, ident, exemplars, contrast, probe_images, draws: int) -> torch.Tensor:
-    """draws x 5 (anchor, context partner, action partner, species probe, colour probe) x 4 x rows x D."""
+def gradients(T, pipe, ident, exemplars, contrast, twins, probe_images, draws: int) -> torch.Tensor:
+    """draws x 6 (anchor, context partner, action partner, species probe, colour probe, the action partner's
+    species twin) x 4 x rows x D."""
     from diffusers import DDPMScheduler
 
     states = T.TextStates(pipe, ident)
@@ -101,6 +109,7 @@ def gradients(T, pipe, ident, exemplars, contrast, probe_images, draws: int) -> 
     x_ex = T.encode_images(pipe, [e["image"] for e in exemplars])
     x_pr = [T.encode_images(pipe, probe_images[k]) for k in ("species", "colour")]
     x_ct = [T.encode_images(pipe, [c["image"] for c in cs]) for cs in contrast]
+    x_tw = [T.encode_images(pipe, [c.image for c in cs]) for cs in twins]
     p_ct = [[T.prompt_for("{caption} {token}", c["caption"], token) for c in cs] for cs in contrast]
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(0)
@@ -113,32 +122,39 @@ def gradients(T, pipe, ident, exemplars, contrast, probe_images, draws: int) -> 
         pick = [int(torch.randint(0, len(x_ct[i]), (1,), generator=gen)) for i in anchor.tolist()]
         latents = torch.cat([x_ex[anchor], x_ex[partner], torch.stack([x_ct[i][k] for i, k in
                                                                        zip(anchor.tolist(), pick)]),
-                             x_pr[0][anchor], x_pr[1][anchor]])
-        own = [prompts[i] for i in anchor.tolist()]  # probes keep the anchor's caption: the identifier must explain
-        prm = own + [prompts[i] for i in partner.tolist()] + [p_ct[i][k] for i, k in zip(anchor.tolist(), pick)]
-        _, g = T.per_sample_grads(pipe, ident, states, latents, prm + own + own, noise.repeat(5, 1, 1, 1),
-                                  t.repeat(5), noise_scheduler, pipe.default_size())
-        out.append(g.view(5, b, *g.shape[1:]))
+                             x_pr[0][anchor], x_pr[1][anchor],
+                             torch.stack([x_tw[i][k] for i, k in zip(anchor.tolist(), pick)])])
+        # probes and twins keep their original's caption: the identifier alone would have to explain the change
+        own = [prompts[i] for i in anchor.tolist()]
+        act = [p_ct[i][k] for i, k in zip(anchor.tolist(), pick)]
+        prm = own + [prompts[i] for i in partner.tolist()] + act + own + own + act
+        _, g = T.per_sample_grads(pipe, ident, states, latents, prm, noise.repeat(6, 1, 1, 1),
+                                  t.repeat(6), noise_scheduler, pipe.default_size())
+        out.append(g.view(6, b, *g.shape[1:]))
     return torch.stack(out).double()
 
 
 def keep_bases(fit: torch.Tensor) -> dict:
-    """Orthonormal bases (D x D/2) of what each mask score keeps, fitted on `fit` (n x 5 x b x D, one row)."""
+    """Orthonormal bases (D x D/2) of what each mask score keeps, fitted on `fit` (n x 6 x b x D, one row)."""
     dim = fit.shape[-1]
     d_act = (fit[:, 0] - fit[:, 2]).reshape(-1, dim)
     d_ctx = (fit[:, 0] - fit[:, 1]).reshape(-1, dim)
-    a, c = d_act.abs().mean(0), d_ctx.abs().mean(0)
+    d_subj = (fit[:, 2] - fit[:, 5]).reshape(-1, dim)
+    a, c, s = d_act.abs().mean(0), d_ctx.abs().mean(0), d_subj.abs().mean(0)
     eye = torch.eye(dim, dtype=fit.dtype)
     k = dim // 2
 
     def top(score):
         return eye[:, torch.argsort(score, descending=True, stable=True)[:k]]
 
-    cov_a, cov_c = d_act.T @ d_act, d_ctx.T @ d_ctx
-    _, vectors = torch.linalg.eigh(cov_a / cov_a.trace() - cov_c / cov_c.trace())
+    def rotated(x, y):  # the top half of the eigenvectors of cov(x) / tr - cov(y) / tr
+        cx, cy = x.T @ x, y.T @ y
+        return torch.linalg.eigh(cx / cx.trace() - cy / cy.trace())[1][:, -k:]
+
     gen = torch.Generator().manual_seed(0)
     return {"shipped": top(a / a.mean() - c / c.mean()), "ratio": top(a / c.clamp_min(1e-12)),
-            "rotated": vectors[:, -k:], "random": top(torch.rand(dim, generator=gen, dtype=fit.dtype))}
+            "rotated": rotated(d_act, d_ctx), "twin": top(a / a.mean() - s / s.mean()),
+            "twin_rotated": rotated(d_act, d_subj), "random": top(torch.rand(dim, generator=gen, dtype=fit.dtype))}
 
 
 def kept_fractions(grads: torch.Tensor) -> dict:
@@ -182,6 +198,9 @@ def main(argv=None):
             contrast = T.build_contrast(T.parse_args(["--name", "<probe>", "--output_dir", "."]), exemplars, pipe,
                                         size)
             probe_images = probes(samples, a_seed, action, size)
+            twins = [contrast_set(e["species"], e["colour"], e["background"], action, targs.num_contrast, seed=k,
+                                  size=size, draw_as=other_species(e["species"], k))
+                     for k, e in enumerate(exemplars)]  # the trainer's render contrast (seed + k), as twins
             ident = ActionIdentifier.for_unet(pipe.unet, "<probe>", kind="layerwise",
                                               initializer=targs.initializer_token)
             states = T.TextStates(pipe, ident)
@@ -195,7 +214,7 @@ def main(argv=None):
                         trained = T.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
                     with torch.no_grad():
                         ident.embeddings.copy_(trained.embeddings)
-                grads = gradients(T, pipe, ident, exemplars, contrast, probe_images, args.draws)
+                grads = gradients(T, pipe, ident, exemplars, contrast, twins, probe_images, args.draws)
                 results.setdefault(setting, {}).setdefault(stage, {})[action] = kept_fractions(grads)
                 print(f"{setting:>8} {stage:>7} {action:>5}: " + "  ".join(
                     f"{s} {results[setting][stage][action][s]['pose']:.2f}/"

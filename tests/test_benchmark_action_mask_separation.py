@@ -12,18 +12,21 @@ def bench(load_benchmark):
     return load_benchmark("action_mask_separation")
 
 
-def _grads(draws=16, b=4, rows=2, dim=8, seed=0):
-    """Synthetic per-sample gradients: the action partner differs from the anchor in channels 0-3, the context
-    partner in 4-7; the species probe changes what the context changes, the colour probe what the action changes."""
+def _grads(draws=16, b=4, rows=2, dim=32, seed=0):
+    """Synthetic per-sample gradients: the action partner differs from the anchor in the first half of the
+    channels, the context partner in the second; the species probe changes what the context changes, the colour
+    probe what the action changes, and the action partner's species twin differs from it where the species probe
+    does."""
     g = torch.Generator().manual_seed(seed)
     anchor = torch.randn(draws, b, rows, dim, generator=g, dtype=torch.float64)
     pose, ctx = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
-    pose[:4], ctx[4:] = 1, 1
+    pose[: dim // 2], ctx[dim // 2:] = 1, 1
 
-    def moved(where):
-        return anchor + where * torch.randn(draws, b, rows, dim, generator=g, dtype=torch.float64) * 3
+    def moved(where, start=anchor):
+        return start + where * torch.randn(draws, b, rows, dim, generator=g, dtype=torch.float64) * 3
 
-    return torch.stack([anchor, moved(ctx), moved(pose), moved(ctx), moved(pose)], dim=1)
+    partner = moved(pose)
+    return torch.stack([anchor, moved(ctx), partner, moved(ctx), moved(pose), moved(ctx, partner)], dim=1)
 
 
 def test_kept_fractions_follow_what_each_change_moves(bench):
@@ -32,6 +35,7 @@ def test_kept_fractions_follow_what_each_change_moves(bench):
     assert shipped["pose"] > 0.95 and shipped["context"] < 0.05  # the statistics see the separation ...
     assert shipped["species"] < 0.05 and shipped["colour"] > 0.95  # ... and the probes follow their channels
     assert rotated["pose"] > 0.9 and rotated["species"] < 0.1
+    assert kept["twin"]["pose"] > 0.95 and kept["twin"]["species"] < 0.05 and kept["twin_rotated"]["species"] < 0.1
     assert all(0.2 < random[k] < 0.8 for k in ("pose", "context", "species", "colour"))
     # entangled: the species probe moves the pose channels, so no score can keep pose and drop species
     g = _grads()

@@ -416,11 +416,14 @@ def exemplar_set(action: str, num: int = 4, seed: int = HELDOUT_SEED_START, size
 
 
 def contrast_set(species: str, colour: str, background: str, action: str, num: int = 2, seed: int = 0,
-                 actions=SEEN_ACTIONS, size: int = 128) -> list[FigureSample]:
-    """The same subject and background doing *other* actions: the action-different half of ADI's triples."""
+                 actions=SEEN_ACTIONS, size: int = 128, draw_as: str | None = None) -> list[FigureSample]:
+    """The same subject and background doing *other* actions: the action-different half of ADI's triples.
+
+    `draw_as` renders the very same poses, jitter and placement as another species: subject-only twins of the
+    set (for measuring what an identifier's gradients do when only the species changes)."""
     key = zlib.crc32(f"{species} {colour} {background}".encode())
     rng = np.random.default_rng([int(seed), 13, key])
     choices = [a for a in actions if a != action]
     picks = rng.choice(len(choices), size=min(num, len(choices)), replace=False)
-    return [render_figure(species, colour, background, choices[int(i)], size,
+    return [render_figure(draw_as or species, colour, background, choices[int(i)], size,
                           np.random.default_rng([int(seed), 17, key, int(i)]), seed=int(seed)) for i in picks]

@@ -80,3 +80,8 @@ def test_exemplars_and_contrast_sets():
     assert len(c) == 3 and len({s.action for s in c}) == 3
     assert all(s.subject == ex[0].subject and s.background == ex[0].background and s.action in SEEN_ACTIONS
                for s in c)
+    other = next(sp for sp in SPECIES if sp != ex[0].species)
+    twins = contrast_set(ex[0].species, ex[0].colour, ex[0].background, "kick", num=3, draw_as=other)
+    assert [t.action for t in twins] == [s.action for s in c] and {t.species for t in twins} == {other}
+    for s, t in zip(c, twins):  # same background and draws: only the figure differs
+        assert t.colour == s.colour and 0.5 < (t.image == s.image).all(-1).mean() < 1.0
