@@ -28,7 +28,7 @@ poses only, which the trainer does not have), `random`.
 Gradients are taken at the initial identifier and after `--steps` steps of no-mask training, for exemplars
 of 4 species (`distinct`, the benchmark default) and of one species (`same`). Seed 0 throughout.
 
-    python benchmarks/action_mask_separation.py          # ~20 min on one CPU core
+    python benchmarks/action_mask_separation.py          # ~25 min on one CPU core
     python benchmarks/action_mask_separation.py --quick  # smoke run
 
 Table to stdout, JSON to benchmarks/results/action_mask_separation.json.
@@ -222,14 +222,14 @@ def main(argv=None):
 
     summary = {}
     print("\nkept fraction of each gradient difference (mean over actions and layers; random keeps 0.50)")
-    print(f"{'exemplars':<10}{'stage':<9}{'score':<9}" + "".join(f"{k:>9}" for k in KINDS) + f"{'pose/species':>14}")
+    print(f"{'exemplars':<10}{'stage':<9}{'score':<13}" + "".join(f"{k:>9}" for k in KINDS) + f"{'pose/species':>14}")
     for setting, by_stage in results.items():
         for stage, by_action in by_stage.items():
             for score in SCORES:
                 row = {k: float(np.mean([by_action[a][score][k] for a in by_action])) for k in KINDS}
                 row["pose_over_species"] = row["pose"] / max(row["species"], 1e-12)
                 summary.setdefault(setting, {}).setdefault(stage, {})[score] = row
-                print(f"{setting:<10}{stage:<9}{score:<9}" + "".join(f"{row[k]:>9.3f}" for k in KINDS)
+                print(f"{setting:<10}{stage:<9}{score:<13}" + "".join(f"{row[k]:>9.3f}" for k in KINDS)
                       + f"{row['pose_over_species']:>14.2f}")
     report = {"benchmark": "action_mask_separation", "description": __doc__.split("\n\n")[0].strip(),
               "config": {k: v for k, v in vars(args).items() if k != "out"}, "summary": summary,
