@@ -36,7 +36,6 @@ Table to stdout, JSON to benchmarks/results/action_mask_separation.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -48,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from layergen.commands.action import training_script  # noqa: E402
 from layergen.data.figures import (FIGURE_COLOURS, HELDOUT_ACTIONS, HELDOUT_SEED_START, SPECIES,  # noqa: E402
                                    contrast_set, exemplar_set, render_figure)
 
@@ -70,14 +70,6 @@ def parse_args(argv=None):
     if args.draws < 4 or args.draws % 2:
         p.error("--draws must be an even number >= 4")
     return args
-
-
-def load_training_module():
-    spec = importlib.util.spec_from_file_location("train_action_identifier",
-                                                  ROOT / "training" / "train_action_identifier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def other_species(species: str, k: int) -> str:
@@ -176,7 +168,7 @@ def kept_fractions(grads: torch.Tensor) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    T = load_training_module()
+    T = training_script()
     from layergen.models.action_identifier import ActionIdentifier
 
     pipe = T.load_pipeline(args.model)

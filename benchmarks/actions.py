@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import shlex
 import sys
@@ -59,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 from layergen.data.figures import (ACTION_VERBS, FIGURE_BACKGROUNDS, FIGURE_COLOURS,  # noqa: E402
                                    HELDOUT_ACTIONS, HELDOUT_SEED_START, SEEN_ACTIONS, SPECIES, exemplar_set,
                                    subject_caption)
+from layergen.commands.action import training_script  # noqa: E402
 from layergen.pipelines.pipeline_action import DEFAULT_IDENTIFIER_STEPS  # noqa: E402
 
 METHODS = {
@@ -105,14 +105,6 @@ def parse_args(argv=None):
     if args.quick:
         args.actions, args.steps, args.num_images = args.actions[:1], 20, 4
     return args
-
-
-def load_training_module():
-    path = ROOT / "training" / "train_action_identifier.py"
-    spec = importlib.util.spec_from_file_location("bench_train_action_identifier", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def unseen_subjects(exemplars, n, seed):
@@ -454,7 +446,7 @@ def main(argv=None):
                  if (clf_dir / "scene").is_dir() else None)  # optional: older judge folders have none
     pipe = ActionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    trainer = load_training_module()
+    trainer = training_script()
 
     per_seed, grids = {}, {}
     for seed in args.seed:

@@ -45,7 +45,7 @@ def test_score_per_image_actions(bench):
 
 
 def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
-    trainer = bench.load_training_module()
+    trainer = bench.training_script()
 
     def parsed(*extra):
         return trainer.parse_args(["--name", "<jump-adi>", "--output_dir", ".", *extra])

@@ -68,9 +68,9 @@ def test_clear_errors(model, tmp_path, capsys, monkeypatch):
 
 def test_learn_help_states_the_trainers_defaults(capsys):
     """`action learn` leaves unset settings to the training script; its help must not drift from them."""
-    from layergen.commands.action import _training_script
+    from layergen.commands.action import training_script
 
-    defaults = _training_script().parse_args(["--exemplars", "e", "--name", "n", "--output_dir", "o"])
+    defaults = training_script().parse_args(["--exemplars", "e", "--name", "n", "--output_dir", "o"])
     with pytest.raises(SystemExit):
         main(["action", "learn", "--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -71,7 +71,7 @@ def register(subparsers) -> None:
     g.set_defaults(func=run_generate)
 
 
-def _training_script():
+def training_script():
     path = ROOT / "training" / "train_action_identifier.py"
     if not path.is_file():
         from ..errors import LayergenError
@@ -117,7 +117,7 @@ def run_learn(args) -> int:
 
     if not Path(args.exemplars).is_dir():
         raise LayergenError(f"{args.exemplars}: not a folder of exemplar images")
-    module = _training_script()
+    module = training_script()
     name = args.name.strip().strip("<>")
     output = args.output or f"{name}.safetensors"
     with tempfile.TemporaryDirectory(prefix="layergen-action-") as tmp:
