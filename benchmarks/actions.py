@@ -319,15 +319,18 @@ def merge_reports(reports: list[dict]) -> dict:
     every seed has. Runs that differ in anything that changes the images (model, steps, identifier_steps, the
     trainer's settings...) are refused, and so is a seed x method that two runs both hold."""
     first = reports[0]
+    # a judge only some runs had (the scene judge, added in session 15) adds a score and changes no other: the
+    # judges all runs share must match, and the merged report keeps only their scores
     judges = [j for j in first["classifiers"] if all(j in r["classifiers"] for r in reports)]
+
+    def compared(report, key):
+        free = MERGE_FREE if key == "config" else ()
+        return {k: v for k, v in report[key].items()
+                if k not in free and (key != "classifiers" or k in judges)}
+
     for r in reports[1:]:
         for key in ("config", "identifier_training", "classifiers"):
-            # a judge only some runs had (the scene judge, added in session 15) adds a score and changes no other:
-            # the judges all runs share must match, and the merged report keeps only their scores
-            a = {k: v for k, v in first[key].items() if (k not in MERGE_FREE if key == "config" else
-                                                          key != "classifiers" or k in judges)}
-            b = {k: v for k, v in r[key].items() if (k not in MERGE_FREE if key == "config" else
-                                                      key != "classifiers" or k in judges)}
+            a, b = compared(first, key), compared(r, key)
             if a != b:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise ValueError(f"cannot merge: the runs differ in {key} ({', '.join(diff)})")
