@@ -169,8 +169,6 @@ def kept_fractions(grads: torch.Tensor) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     T = training_script()
-    from layergen.models.action_identifier import ActionIdentifier
-
     pipe = T.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.requires_grad_(False)
@@ -193,19 +191,11 @@ def main(argv=None):
             twins = [contrast_set(e["species"], e["colour"], e["background"], action, targs.num_contrast, seed=k,
                                   size=size, draw_as=other_species(e["species"], k))
                      for k, e in enumerate(exemplars)]  # the trainer's render contrast (seed + k), as twins
-            ident = ActionIdentifier.for_unet(pipe.unet, "<probe>", kind="layerwise",
-                                              initializer=targs.initializer_token)
-            states = T.TextStates(pipe, ident)
-            with torch.no_grad():
-                prompts = [T.prompt_for(targs.template, e["caption"], ident.token) for e in exemplars]
-                ident.embeddings.copy_(states.initial_vector(prompts)[None].expand_as(ident.embeddings))
-            for stage in ("init", "trained"):
-                if stage == "trained":
-                    with tempfile.TemporaryDirectory() as tmp:
-                        targs.output_dir = tmp
-                        trained = T.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
-                    with torch.no_grad():
-                        ident.embeddings.copy_(trained.embeddings)
+            for stage, steps in (("init", 0), ("trained", args.steps)):
+                targs.max_train_steps = steps  # 0: the trainer's own initial identifier
+                with tempfile.TemporaryDirectory() as tmp:
+                    targs.output_dir = tmp
+                    ident = T.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
                 grads = gradients(T, pipe, ident, exemplars, contrast, twins, probe_images, args.draws)
                 results.setdefault(setting, {}).setdefault(stage, {})[action] = kept_fractions(grads)
                 print(f"{setting:>8} {stage:>7} {action:>5}: " + "  ".join(
