@@ -7,10 +7,10 @@ action (anchor vs *action-different* image: same subject, another pose) more tha
 channels it keeps carry less of a *subject* change than of a pose change. This script measures exactly that,
 on the bundled mini action model, the benchmark's held-out actions and exemplars:
 
-  for every held-out action, per-sample identifier gradients (the trainer's own `per_sample_grads`, same
-  noise and timestep within a triple, focal timesteps) for `--draws` steps of 4 triples, plus two *probes* the
-  trainer never sees: the anchor re-rendered as another species (same pose jitter, colour, background) and
-  as another colour. Mask statistics come from the first half of the draws; on the second half, for each
+  for every held-out action, per-sample identifier gradients (the trainer's own `draw_triples` and
+  `per_sample_grads`: same noise and timestep within a triple, focal timesteps) for `--draws` steps of 4 triples,
+  plus two *probes* the trainer never sees: the anchor re-rendered as another species (same pose jitter, colour,
+  background) and as another colour. Mask statistics come from the first half of the draws; on the second half, for each
   mask score, the fraction of the squared gradient difference each mask keeps (per layer, averaged):
 
     pose     anchor vs action-different image (what the mask should keep)
@@ -107,11 +107,9 @@ def gradients(T, pipe, ident, exemplars, contrast, twins, probe_images, draws: i
     gen = torch.Generator().manual_seed(0)
     n, b, out = len(exemplars), 4, []
     for _ in range(draws):
-        anchor = torch.randint(0, n, (b,), generator=gen)
-        partner = (anchor + torch.randint(1, n, (b,), generator=gen)) % n
-        noise = torch.randn((b,) + tuple(x_ex.shape[1:]), generator=gen)
-        t = T.sample_timesteps(b, noise_scheduler.config.num_train_timesteps, "focal", gen)
-        pick = [int(torch.randint(0, len(x_ct[i]), (1,), generator=gen)) for i in anchor.tolist()]
+        anchor, partner, noise, t, pick = T.draw_triples(gen, b, n, x_ex.shape[1:],
+                                                         noise_scheduler.config.num_train_timesteps, "focal",
+                                                         [len(x) for x in x_ct])
         latents = torch.cat([x_ex[anchor], x_ex[partner], torch.stack([x_ct[i][k] for i, k in
                                                                        zip(anchor.tolist(), pick)]),
                              x_pr[0][anchor], x_pr[1][anchor],

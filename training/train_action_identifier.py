@@ -36,6 +36,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -278,6 +279,28 @@ def sample_timesteps(n, num_train, mode, gen):
     return torch.multinomial(w, n, replacement=True, generator=gen)
 
 
+class TripleDraw(NamedTuple):
+    anchor: torch.Tensor    # (b,) exemplar index
+    partner: torch.Tensor   # (b,) another exemplar: the context-different sample
+    noise: torch.Tensor     # (b, *latent_shape), shared by the three samples of a triple
+    t: torch.Tensor         # (b,) timestep, shared likewise
+    pick: list[int] | None  # per anchor, which of its action-different samples (None: no contrast)
+
+
+def draw_triples(gen, batch: int, n_exemplars: int, latent_shape, num_train: int, sampling: str,
+                 contrast_sizes=None) -> TripleDraw:
+    """One step's random draws, always in this order, so that the mask benchmark measures the very triples
+    the trainer learns from (same generator, same draws)."""
+    anchor = torch.randint(0, n_exemplars, (batch,), generator=gen)
+    partner = (anchor + torch.randint(1, n_exemplars, (batch,), generator=gen)) % n_exemplars
+    noise = torch.randn((batch,) + tuple(latent_shape), generator=gen)
+    t = sample_timesteps(batch, num_train, sampling, gen)
+    pick = None
+    if contrast_sizes is not None:
+        pick = [int(torch.randint(0, contrast_sizes[i], (1,), generator=gen)) for i in anchor.tolist()]
+    return TripleDraw(anchor, partner, noise, t, pick)
+
+
 def unet_kwargs(pipe, pooled, n, size):
     if getattr(pipe.unet.config, "addition_embed_type", None) != "text_time":
         return {}
@@ -429,14 +452,12 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
     num_train = noise_scheduler.config.num_train_timesteps
     while global_step < args.max_train_steps:
         b = args.train_batch_size
-        anchor = torch.randint(0, n_ex, (b,), generator=gen)
-        partner = (anchor + torch.randint(1, n_ex, (b,), generator=gen)) % n_ex  # another exemplar
-        noise = torch.randn((b,) + tuple(x_ex.shape[1:]), generator=gen)
-        t = sample_timesteps(b, num_train, args.timestep_sampling, gen)
+        anchor, partner, noise, t, pick = draw_triples(gen, b, n_ex, x_ex.shape[1:], num_train,
+                                                       args.timestep_sampling,
+                                                       [len(x) for x in x_ct] if has_contrast else None)
         lat = [x_ex[anchor], x_ex[partner]]
         prm = [prompts[i] for i in anchor.tolist()] + [prompts[i] for i in partner.tolist()]
         if has_contrast:
-            pick = [int(torch.randint(0, len(x_ct[i]), (1,), generator=gen)) for i in anchor.tolist()]
             lat.append(torch.stack([x_ct[i][k] for i, k in zip(anchor.tolist(), pick)]))
             prm += [p_ct[i][k] for i, k in zip(anchor.tolist(), pick)]
         k = len(lat)

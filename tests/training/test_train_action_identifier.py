@@ -81,6 +81,22 @@ def load_script():
     return module
 
 
+def test_triple_draws_pair_distinct_exemplars_and_contrast_comes_last():
+    """Partners are always another exemplar, picks index the anchor's own contrast list, and drawing the
+    contrast pick last keeps the rest of a step's draws identical with and without contrast images."""
+    draw = load_script().draw_triples
+    sizes = [1, 2, 5]
+    with_ct = draw(torch.Generator().manual_seed(3), 64, 3, (4, 2, 2), 1000, "focal", sizes)
+    plain = draw(torch.Generator().manual_seed(3), 64, 3, (4, 2, 2), 1000, "focal")
+    assert plain.pick is None and len(with_ct.pick) == 64
+    assert (with_ct.anchor != with_ct.partner).all()
+    assert all(0 <= k < sizes[a] for a, k in zip(with_ct.anchor.tolist(), with_ct.pick))
+    assert len({k for a, k in zip(with_ct.anchor.tolist(), with_ct.pick) if a == 2}) > 1
+    for a, b in zip(with_ct[:4], plain[:4]):
+        assert torch.equal(a, b)
+    assert with_ct.noise.shape == (64, 4, 2, 2) and ((with_ct.t >= 0) & (with_ct.t < 1000)).all()
+
+
 def test_masked_channels_never_move_during_training(parts, tmp_path):
     """Quantile 0.5 with per-step masks: every step, the masked half of each row keeps its value."""
     mod = load_script()
