@@ -6,6 +6,7 @@ POSIX and Windows when both are on the same filesystem).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -23,6 +24,27 @@ def _publish(tmp, mode: int) -> None:
     os.chmod(tmp, mode & ~_umask())
 
 
+def _beside(path: Path, make):
+    """Create `path`'s missing parent folders, then the temporary entry (`make()`). A failure names `path`,
+    the file the user asked for, never the temporary name nobody has heard of."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return make()
+    except FileExistsError:  # mkdir met a file where a folder must be
+        raise NotADirectoryError(errno.ENOTDIR, "cannot write there: a part of the path is a file, not a folder",
+                                 str(path)) from None
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot write there ({exc.strerror or exc})", str(path)) from None
+
+
+def check_writable(path) -> None:
+    """Fail now, not after minutes of work, if `path` could not be written (creates missing parent folders)."""
+    path = Path(path)
+    fd, tmp = _beside(path, lambda: tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent))
+    os.close(fd)
+    os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix: str | None = None):
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
@@ -31,9 +53,9 @@ def atomic_path(path, suffix: str | None = None):
     by extension (Pillow, trimesh) still see the right one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix if suffix is None else suffix,
-                               dir=path.parent)
+    fd, tmp = _beside(path, lambda: tempfile.mkstemp(prefix=f".{path.name}.",
+                                                     suffix=path.suffix if suffix is None else suffix,
+                                                     dir=path.parent))
     os.close(fd)
     try:
         yield Path(tmp)
@@ -49,8 +71,7 @@ def atomic_path(path, suffix: str | None = None):
 def atomic_dir(path):
     """Yield a temporary directory beside `path`; it replaces the directory `path` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(_beside(path, lambda: tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)))
     try:
         yield tmp
         _publish(tmp, 0o777)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -45,9 +46,12 @@ def main(argv=None) -> int:
     except LayergenError as exc:
         print(f"layergen: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+    except BrokenPipeError:  # `layergen info --json | head -1`: the reader left; stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # missing/unreadable/unwritable files, full disk: one line naming the file
         name = getattr(exc, "filename", None)
-        print(f"layergen: error: {name + ': ' if name else ''}{exc.strerror or exc}", file=sys.stderr)
+        print(f"layergen: error: {str(name) + ': ' if name else ''}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("layergen: interrupted", file=sys.stderr)

@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LayergenError
+from .seeds import MAX_SEED
 
 MAX_LAYERS = 64
 MAX_CANVAS = 4096
+MIN_CANVAS = 8  # one latent pixel of a standard VAE (scale factor 8)
 SCHEMA_VERSION = 1
 
 
@@ -91,6 +93,8 @@ class Box:
         self.name = _text(self.name, "box name")
         if self.seed is not None:
             self.seed = _int(self.seed, "box seed")
+            if not 0 <= self.seed <= MAX_SEED:
+                raise LayoutError(f"box seed must be in [0, {MAX_SEED}], got {self.seed}")
 
     @property
     def xywh(self) -> tuple[int, int, int, int]:
@@ -176,8 +180,8 @@ class Layout:
 
     def validate(self) -> "Layout":
         self.width, self.height = _int(self.width, "canvas width"), _int(self.height, "canvas height")
-        if not (1 <= self.width <= MAX_CANVAS and 1 <= self.height <= MAX_CANVAS):
-            raise LayoutError(f"canvas must be between 1x1 and {MAX_CANVAS}x{MAX_CANVAS}, "
+        if not (MIN_CANVAS <= self.width <= MAX_CANVAS and MIN_CANVAS <= self.height <= MAX_CANVAS):
+            raise LayoutError(f"canvas must be between {MIN_CANVAS}x{MIN_CANVAS} and {MAX_CANVAS}x{MAX_CANVAS}, "
                               f"got {self.width}x{self.height}")
         if not self.boxes:
             raise LayoutError("a layout needs at least one box (x,y,w,h)")

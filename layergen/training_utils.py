@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .seeds import seed_arg
+
 logger = logging.getLogger("layergen.training")
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -89,7 +91,7 @@ def add_training_args(parser, *, train_batch_size: int, max_train_steps: int, le
     p.add_argument("--validation_steps", type=int, default=validation_steps)
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--report_to", default=None, help='"tensorboard", "wandb", ... (needs the package).')
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
 
 
 def start_accelerator(args, project: str):

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from layergen.atomic import atomic_dir, atomic_path, write_text_atomic
+from layergen.atomic import atomic_dir, atomic_path, check_writable, write_text_atomic
 
 
 def test_atomic_file_gets_normal_permissions_and_replaces(tmp_path):
@@ -40,3 +40,15 @@ def test_atomic_dir_replaces_whole_folder_only_on_success(tmp_path):
         (tmp / "new.txt").write_text("y")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_unwritable_targets_are_named_in_the_error_not_the_temporary_file(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    target = tmp_path / "file.txt" / "sub" / "out.png"
+    for attempt in (lambda: atomic_path(target).__enter__(), lambda: atomic_dir(target).__enter__(),
+                    lambda: check_writable(target)):
+        with pytest.raises(NotADirectoryError) as exc:
+            attempt()
+        assert exc.value.filename == str(target) and "cannot write there" in exc.value.strerror
+    check_writable(tmp_path / "new" / "a.png")  # creates the folder, leaves no file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "new"] and not any((tmp_path / "new").iterdir())

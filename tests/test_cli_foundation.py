@@ -66,6 +66,18 @@ def test_info_table_and_help():
         in proc.stdout and max(len(line) for line in proc.stdout.splitlines()) <= 100
 
 
+def test_reader_closing_the_pipe_ends_quietly():
+    """`layergen info --json FILE | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "layergen.cli", "info", "--json", str(SAMPLE)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == ""
+
+
 def test_corrupt_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     bad = tmp_path / "broken.ora"
     bad.write_bytes(SAMPLE.read_bytes()[:500])

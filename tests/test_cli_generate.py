@@ -185,6 +185,41 @@ def test_errors_are_one_line_exit_2_and_leave_no_file(model_dir, plain_model_dir
     assert listing(work) == before
 
 
+def test_bad_seeds_paths_boxes_and_ignored_flags_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Checked up front: minutes of generation must not end in an error the arguments already showed."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("layergen.commands.generate.load_pipeline", no_load)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "file.txt").write_text("x")
+    fg = work / "fg.png"
+    Image.fromarray(np.full((16, 16, 4), 200, np.uint8)).save(fg)
+    layout = work / "layout.json"
+    layout.write_text('{"width": 32, "height": 32, "boxes": [{"box": [0, 0, 8, 8], "seed": -5}]}')
+    before = listing(work)
+    out = work / "o.psd"
+    top = str(2**63 - 1)
+    for argv in (["--seed", "-1"], ["--seed", str(2**64)], ["--seed", "1.5"]):
+        with pytest.raises(SystemExit) as exc:
+            generate(work, PROMPT, "-o", out, *argv)
+        assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+    assert_error(capsys, generate(work, PROMPT, "-o", out, "--seed", top, "--num-images", "2"),
+                 "--seed must be in [0, 9223372036854775807]", "later images")
+    assert_error(capsys, generate(work, PROMPT, "-o", out, "--seed", str(2**63 - 60), "--box", "0,0,8,8"), "--seed")
+    assert_error(capsys, generate(work, PROMPT, "--layout", layout, "-o", out), "box seed must be in [0, ")
+    assert_error(capsys, generate(work, PROMPT, "-o", work / "file.txt" / "o.png"),
+                 str(work / "file.txt" / "o.png"), "is a file, not a folder")
+    assert_error(capsys, generate(work, PROMPT, "--fg", fg, "--no-background", "-o", out),
+                 "--no-background cannot be used with --fg")
+    assert_error(capsys, generate(work, PROMPT, "--fg", fg, "--bg-prompt", "a sky", "-o", out), "--bg-prompt")
+    assert_error(capsys, generate(work, PROMPT, "--size", "32", "--box", "30,30,10,10", "-o", out),
+                 "not inside the 32x32 canvas")
+    assert_error(capsys, generate(work, PROMPT, *["--box", "0,0,4,4"] * 65, "-o", out), "at most 64")
+    assert listing(work) == before
+
+
 def test_help_lists_modes_and_flags(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["generate", "--help"])

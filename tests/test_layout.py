@@ -112,21 +112,24 @@ def test_cli_boxes_make_a_layered_document(model_dir, tmp_path, capsys):
     out = tmp_path / "scene.psd"
     rc = generate(model_dir, "a red star and a blue ring on a sky", "-o", out, "--box", "2,2,12,12",
                   "--box", "14,14,16,16:a green heart", "--seed", "4")
-    assert rc == 0 and f"wrote {out} (3 layers, 32x32" in capsys.readouterr().out
+    assert rc == 0 and f"wrote {out} (3 layers, 32x32, seed 4)" in capsys.readouterr().out  # the layout's seed
     stack = load(out)
     assert [l.metadata.get("prompt") for l in stack] == ["a sky", "a red star", "a green heart"]
     assert [l.bbox for l in stack.layers[1:]] == [(2, 2, 14, 14), (14, 14, 30, 30)]
     assert [l.metadata["seed"] for l in stack] == [4, 5, 6]
 
 
-def test_cli_layout_file_sets_the_canvas_and_flat_outputs_get_the_composite(model_dir, tmp_path):
+def test_cli_layout_file_sets_the_canvas_and_flat_outputs_get_the_composite(model_dir, tmp_path, capsys):
     from PIL import Image
 
     layout = save_layout(Layout(48, 40, [Box(0, 0, 20, 20, prompt="a red star"), Box(20, 10, 20, 20)]),
                          tmp_path / "layout.json")
     rc = generate(model_dir, "a blue ring on a sky", "-o", tmp_path / "img.png", "--layout", layout,
-                  "--num-images", "2")
+                  "--num-images", "2", "--seed", "3")
     assert rc == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {tmp_path / 'img_0.png'} (composite of 3 layers, 48x40, seed 3)",
+        f"wrote {tmp_path / 'img_1.png'} (composite of 3 layers, 48x40, seed 68)"]
     imgs = [np.asarray(Image.open(tmp_path / f"img_{k}.png")) for k in (0, 1)]
     assert imgs[0].shape == (40, 48, 4) and (imgs[0][..., 3] == 255).all() and not np.array_equal(*imgs)
 

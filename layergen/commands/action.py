@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from ..seeds import check_seed, seed_arg
+
 ORDER = 40
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +31,7 @@ def register(subparsers) -> None:
     e.add_argument("action", metavar="ACTION", help="one of the figure actions, e.g. jump, wave, kick, bow")
     e.add_argument("output", metavar="DIR", help="folder to write the images and metadata.jsonl into")
     e.add_argument("-n", "--num", type=int, default=4, help="number of exemplars (default 4)")
-    e.add_argument("--seed", type=int, default=1_000_000, help="seed of the exemplar set")
+    e.add_argument("--seed", type=seed_arg, default=1_000_000, help="seed of the exemplar set")
     e.add_argument("--size", type=int, default=128)
     e.set_defaults(func=run_exemplars)
 
@@ -48,7 +50,7 @@ def register(subparsers) -> None:
     learn.add_argument("--contrast", choices=["auto", "render", "generate", "dir", "none"],
                        help="where the action-different images come from (default auto)")
     learn.add_argument("--work_dir", help="checkpoints/validation images (default: a temporary folder)")
-    learn.add_argument("--seed", type=int)
+    learn.add_argument("--seed", type=seed_arg)
     learn.set_defaults(func=run_learn)
 
     g = sub.add_parser("generate", help='generate images from a prompt naming identifiers, e.g. "a cat <jump>"')
@@ -59,7 +61,7 @@ def register(subparsers) -> None:
     g.add_argument("--identifier_dir", default=".", help="where to look for <name>.safetensors (default: .)")
     g.add_argument("-o", "--output", default="action.png", help="output PNG (several images: name-K.png)")
     g.add_argument("-n", "--num_images", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_arg, default=0)
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--guidance_scale", type=float, default=5.0)
     g.add_argument("--negative_prompt", default=None)
@@ -136,7 +138,7 @@ def run_learn(args) -> int:
 
 
 def run_generate(args) -> int:
-    from ..atomic import atomic_path
+    from ..atomic import atomic_path, check_writable
     from ..errors import LayergenError
     from ..mini import mini_path
     from ..models.action_identifier import TOKEN_PATTERN
@@ -144,6 +146,13 @@ def run_generate(args) -> int:
 
     if not 1 <= args.num_images <= 64:
         raise LayergenError(f"--num_images must be in [1, 64], got {args.num_images}")
+    check_seed(args.seed, "--seed", args.num_images)
+    dest = Path(args.output)
+    if dest.suffix.lower() != ".png":
+        raise LayergenError(f"{dest}: output must be a .png file")
+    paths = [dest] if args.num_images == 1 else [dest.with_name(f"{dest.stem}-{k}{dest.suffix}")
+                                                 for k in range(args.num_images)]
+    check_writable(paths[0])
     pipe = ActionPipeline.from_pretrained(args.model or mini_path("action"))
     files = [Path(f) for f in args.identifier]
     loaded = set()
@@ -161,11 +170,6 @@ def run_generate(args) -> int:
                num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                negative_prompt=args.negative_prompt,
                **({} if args.identifier_steps is None else {"identifier_steps": args.identifier_steps}))
-    dest = Path(args.output)
-    if dest.suffix.lower() != ".png":
-        raise LayergenError(f"{dest}: output must be a .png file")
-    paths = [dest] if len(out.images) == 1 else [dest.with_name(f"{dest.stem}-{k}{dest.suffix}")
-                                                 for k in range(len(out.images))]
     for img, path in zip(out.images, paths):
         with atomic_path(path) as tmp:
             img.save(tmp, format="PNG")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..seeds import seed_arg
+
 ORDER = 70
 
 
@@ -46,7 +48,7 @@ def register(subparsers) -> None:
     b.add_argument("--model", metavar="DIR", help="a learned decomposer folder (implies --learned)")
     b.add_argument("--matting", choices=["closed_form", "hard"], default="closed_form",
                    help="alpha matting of the classical decomposition (default: closed_form)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=seed_arg, default=0)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
     p.set_defaults(func=lambda args: _usage(p))

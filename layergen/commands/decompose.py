@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..seeds import seed_arg
+
 ORDER = 30
 
 
@@ -65,7 +67,7 @@ def register(subparsers) -> None:
                    help="background completion of the classical pipeline (default: structure)")
     p.add_argument("--matting", choices=["closed_form", "hard"], default="closed_form",
                    help="alpha matting of the classical pipeline (default: closed_form)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -73,6 +75,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import numpy as np
 
+    from ..atomic import check_writable
     from ..errors import LayergenError
     from ..layers.formats import detect_format, save
 
@@ -82,6 +85,7 @@ def run(args) -> int:
         raise LayergenError("give only one kind of guidance: --box, --point or --mask")
     if detect_format(args.output) in ("png", "webp"):
         raise LayergenError(f"{args.output}: a flat image cannot hold layers; use .psd, .ora, .zip or a folder")
+    check_writable(args.output)
 
     import torch
 

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..seeds import check_seed, seed_arg
+
 ORDER = 10
 
 DEFAULT_BG_PROMPT = "a soft gradient background"
@@ -36,12 +38,14 @@ LAYOUT_SEED_STRIDE = 65  # image k of a layout run uses seed + 65 k: its backgro
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
-        help="generate a transparent RGBA layer from text (optionally on a background / behind a foreground)",
+        help="generate transparent RGBA layers from text: one layer (optionally on a background / behind a "
+             "foreground), or one per box of a layout",
         description="Generate a transparent RGBA layer from a text prompt with a latent-transparency model\n"
                     "(the bundled layergen-mini by default, or any compatible diffusers folder via --model).\n\n"
                     "Output: a .png/.webp holds the generated layer alone (RGBA). A layered format\n"
                     "(.ora, .psd, .zip, folder) holds a real 2-layer document: a background is generated\n"
-                    "behind the layer from --bg-prompt (skip it with --no-background).\n\n"
+                    "behind the layer from --bg-prompt (skip it with --no-background). With --layout/--box\n"
+                    "the document holds the background + one layer per box, and a .png/.webp the composite.\n\n"
                     "Conditional modes (at most one):\n"
                     "  --bg IMAGE        the layer is generated to fit onto IMAGE (background-conditioned\n"
                     "                    foreground); the document is IMAGE + the new layer.\n"
@@ -90,7 +94,8 @@ def register(subparsers) -> None:
                      help="local diffusers folder of a latent-transparency pipeline (default: bundled layergen-mini)")
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5.0)")
-    gen.add_argument("--seed", type=int, default=0, help="random seed; image k uses seed + k (default: 0)")
+    gen.add_argument("--seed", type=seed_arg, default=0,
+                     help="random seed, 0 .. 2**63-1; image k uses seed + k (with a layout: seed + 65 k) (default: 0)")
     gen.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what the layer should not show")
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS),
                      help="sampler (default: the model's own; the mini uses dpm)")
@@ -199,6 +204,8 @@ def read_image(path: str, flag: str):
 
 
 def build_request(args) -> Request:
+    from ..atomic import check_writable
+
     mode = select_mode(args)
     prompt = (args.prompt or "").strip()
     if not prompt:
@@ -216,11 +223,24 @@ def build_request(args) -> Request:
             raise _error(f"{name} must be in [8, 4096], got {v}")
     if (width is None) != (height is None) and mode == "text":
         width, height = width or height, height or width  # one side given: square
+    span = LAYOUT_SEED_STRIDE * args.num_images if mode in LAYOUT_MODES else args.num_images
+    check_seed(args.seed, "--seed", span)
     fmt = output_format(args.output, args.format)
     outputs = output_paths(args.output, fmt, args.num_images)
     for out in outputs:
         if fmt != "dir" and out.is_dir():
             raise _error(f"{out}: is a folder; cannot write a .{fmt} file there")
+    check_writable(outputs[0])
+    if mode in ("background", "foreground"):
+        ignored = [f for f, given in (("--no-background", args.no_background),
+                                      ("--bg-prompt", (args.bg_prompt or "").strip() not in ("", DEFAULT_BG_PROMPT)))
+                   if given]
+        if ignored:
+            raise _error(f"{' and '.join(ignored)} cannot be used with --{MODE_FLAGS[mode]}: "
+                         + ("the document is IMAGE + the new layer" if mode == "background" else
+                            "PROMPT describes the background"))
+    if args.box and len(args.box) > LAYOUT_SEED_STRIDE - 1:
+        raise _error(f"at most {LAYOUT_SEED_STRIDE - 1} --box flags, got {len(args.box)}")
     condition = None
     if mode == "background":
         condition = read_image(args.bg, "--bg")
@@ -249,7 +269,10 @@ def read_layout(args, prompt: str, width, height):
     bg = (args.bg_prompt or "").strip()
     bg = bg if bg and bg != DEFAULT_BG_PROMPT else None
     if args.box:
-        return {"boxes": [parse_box(b) for b in args.box], "background": bg}
+        boxes = [parse_box(b) for b in args.box]
+        if width and height:  # the canvas is known: check the boxes now, not after the model load
+            Layout(width, height, boxes, prompt, bg)
+        return {"boxes": boxes, "background": bg}
     if not Path(args.layout).is_file():
         raise _error(f"--layout {args.layout}: no such file")
     layout = load_layout(args.layout)
@@ -308,6 +331,7 @@ def _loading_bars(enabled: bool):
 def sibling(pipe, cls):
     """Another task pipeline sharing the loaded components (no second load, no extra memory)."""
     other = cls(**pipe.components)
+    other.register_to_config(_name_or_path=pipe.config.get("_name_or_path"))  # layers record the model they came from
     other.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return other
 
@@ -440,9 +464,12 @@ def write_results(results: list[Result], req: Request) -> list[Path]:
         stack = to_output_stack(result, req)
         written.append(save(stack, path, format=req.format))
         n = len(stack)
-        meta = result.stack[result.primary if result.primary is not None else -1].metadata
-        seed = f", seed {meta['seed']}" if meta.get("seed") is not None else ""
-        print(f"wrote {path} ({n} layer{'s' * (n != 1)}, {stack.width}x{stack.height}{seed})")
+        meta = result.stack[result.primary if result.primary is not None else 0].metadata
+        seed = result.stack.metadata.get("seed", meta.get("seed"))  # a layout's seed, not its top layer's
+        seed = f", seed {seed}" if seed is not None else ""
+        what = (f"{n} layer{'s' * (n != 1)}" if req.layered else
+                f"composite of {n} layers" if n > 1 else "1 layer")
+        print(f"wrote {path} ({what}, {stack.width}x{stack.height}{seed})")
     return written
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..seeds import seed_arg
+
 ORDER = 45
 
 
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--layers", default="body,pants,shirt,shoes",
                    help="comma-separated layers, body first, in the order body,pants,shirt,shoes,hat "
                         "(default: body,pants,shirt,shoes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("-o", "--output", default="human", metavar="DIR", help="output folder (default: ./human)")
     p.add_argument("--model", help="LayeredHumanPipeline folder (default: bundled layergen-mini human model)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps per layer (default 25)")

@@ -28,6 +28,7 @@ from PIL import Image
 from ..errors import LayergenError
 from ..layers import Layer
 from ..models.transparent_codec import decode_rgba, encode_rgba, vae_scale_factor
+from ..seeds import check_seed
 from .pipeline_output import LayerPipelineOutput
 
 TASK_FOREGROUND = 0
@@ -373,7 +374,8 @@ def make_generator_list(generator, seed, batch):
     """A per-image generator list from a seed, so image k of a batch is reproducible on its own."""
     if generator is not None or seed is None:
         return generator
-    return [torch.Generator().manual_seed(int(seed) + k) for k in range(batch)]
+    seed = check_seed(seed, "seed", batch)
+    return [torch.Generator().manual_seed(seed + k) for k in range(batch)]
 
 
 CallbackType = Callable[..., dict]

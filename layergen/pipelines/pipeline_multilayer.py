@@ -60,6 +60,7 @@ from ..errors import LayergenError
 from ..layers import Layer, LayerStack
 from ..layers.compositing import composite_layers
 from ..layout import Box, Layout
+from ..seeds import check_seed
 from .layer_diffusion import (TASK_BACKGROUND_BEHIND_FOREGROUND, TASK_FOREGROUND_ON_BACKGROUND,
                               LayerDiffusionPipelineBase, to_rgba_tensor)
 
@@ -478,9 +479,9 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
     @staticmethod
     def _resolve_seed(seed, generator) -> int:
         if seed is not None:
-            return int(seed)
+            return check_seed(seed)
         if isinstance(generator, torch.Generator):
-            return int(generator.initial_seed())
+            return int(generator.initial_seed()) % 2**62  # a generator seeded at random may hold any 64-bit seed
         return secrets.randbits(31)
 
     # -- generation ------------------------------------------------------------------------------
@@ -519,7 +520,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         W, H = layout.width, layout.height
         if W < self.vae_scale_factor or H < self.vae_scale_factor:
             raise LayergenError(f"canvas must be at least {self.vae_scale_factor}x{self.vae_scale_factor}")
-        base_seed = self._resolve_seed(seed, generator)
+        base_seed = check_seed(self._resolve_seed(seed, generator), "seed", len(layout) + 1)  # boxes: seed + 1 + i
         prompts, bound, unassigned = assign_prompts(layout, anonymous_order)
         bg_prompt = background_prompt_of(layout)
         regions = []
@@ -584,10 +585,12 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         self._check(steps, gs, 1)
         self._guidance_scale = gs
         self._interrupt = False
+        if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+            raise LayergenError(f"prompt is empty; describe the new layer, or pass prompt=None to keep {old.name!r}'s")
         new_prompt = prompt if prompt is not None else meta.get("prompt")
         if not isinstance(new_prompt, str) or not new_prompt.strip():
             raise LayergenError(f"layer {old.name!r} has no prompt in its metadata; pass prompt=...")
-        new_seed = int(seed) if seed is not None else secrets.randbits(31)
+        new_seed = check_seed(seed) if seed is not None else secrets.randbits(31)
         out = stack.copy()
         W, H = stack.width, stack.height
         is_background = i == 0 and (old.kind in (None, "background"))

@@ -227,6 +227,12 @@ def test_ora_errors(tmp_path):
          "missing 'data/missing.png'"),
         ('<image w="two" h="2"><stack/></image>', layer, "needs integer w and h"),
         ('<image w="2" h="2"><stack>', layer, "stack.xml is not valid XML"),
+        ('<image w="100000" h="100000"><stack/></image>', layer, "canvas 100000x100000 is larger than"),
+        ('<image w="20000" h="20000"><stack/></image>', layer, "256 megapixels"),
+        ('<image w="2" h="2"><stack><layer src="data/a.png" opacity="nan"/></stack></image>', layer,
+         "opacity='nan' is not a finite number"),
+        ('<image w="2" h="2"><stack><layer src="data/a.png" x="inf"/></stack></image>', layer,
+         "x='inf' is not a finite number"),
     ]
     for i, (xml, files, match) in enumerate(cases):
         path = tmp_path / f"e{i}.ora"

@@ -65,10 +65,18 @@ def make_layer(where: str, pixels, **kwargs) -> Layer:
         raise FormatError(f"{where}: layer {kwargs.get('name', '?')!r}: {exc}") from exc
 
 
+MAX_CANVAS_SIDE = 30000  # what PSD allows
+MAX_CANVAS_PIXELS = 16384 * 16384  # 1 GiB as RGBA8: a file claiming more is corrupt or hostile, not a picture
+
+
 def make_stack(where: str, width, height, metadata=None) -> LayerStack:
     try:
-        return LayerStack(int(width), int(height), metadata=metadata)
-    except (LayerError, TypeError, ValueError) as exc:
+        width, height = int(width), int(height)
+        if max(width, height) > MAX_CANVAS_SIDE or width * height > MAX_CANVAS_PIXELS:
+            raise FormatError(f"{where}: canvas {width}x{height} is larger than layergen reads "
+                              f"({MAX_CANVAS_SIDE} px a side, {MAX_CANVAS_PIXELS // 2**20} megapixels)")
+        return LayerStack(width, height, metadata=metadata)
+    except (LayerError, TypeError, ValueError, OverflowError) as exc:
         raise FormatError(f"{where}: invalid canvas size {width!r} x {height!r}") from exc
 
 

@@ -12,6 +12,7 @@ path is kept in the layer's metadata as `ora_group`.
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -88,17 +89,20 @@ def _int(value: str | None, where: str, attr: str) -> int:
         return 0
     try:
         return int(round(float(value)))
-    except ValueError:
-        raise FormatError(f"{where}: attribute {attr}={value!r} is not a number") from None
+    except (ValueError, OverflowError):  # also nan and inf
+        raise FormatError(f"{where}: attribute {attr}={value!r} is not a finite number") from None
 
 
 def _float(value: str | None, where: str, attr: str, default: float = 1.0) -> float:
     if value is None or value == "":
         return default
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise FormatError(f"{where}: attribute {attr}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise FormatError(f"{where}: attribute {attr}={value!r} is not a finite number")
+    return number
 
 
 def load(path: Path) -> LayerStack:

@@ -101,6 +101,14 @@ def _read_xmp(psd) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _reason(exc: Exception) -> str:
+    """psd-tools' exceptions may carry whole attrs reprs; the first part says what was wrong."""
+    first = exc.args[0] if exc.args else exc
+    while isinstance(first, tuple) and first:
+        first = first[0]
+    return f"{type(exc).__name__}: {str(first)[:120]}"
+
+
 def load(path: Path) -> LayerStack:
     from psd_tools import PSDImage
     from psd_tools.constants import ColorMode
@@ -113,7 +121,7 @@ def load(path: Path) -> LayerStack:
     try:
         psd = PSDImage.open(path)
     except Exception as exc:  # psd-tools raises many types on corrupt input (struct.error, ValueError, ...)
-        raise FormatError(f"{where}: corrupt or truncated PSD ({type(exc).__name__}: {exc})") from exc
+        raise FormatError(f"{where}: corrupt or truncated PSD ({_reason(exc)})") from exc
     if psd.depth != 8:
         raise FormatError(f"{where}: {psd.depth}-bit PSD is not supported; save it as 8 bits/channel")
     if psd.color_mode not in (ColorMode.RGB, ColorMode.GRAYSCALE):
@@ -127,7 +135,7 @@ def load(path: Path) -> LayerStack:
     except FormatError:
         raise
     except Exception as exc:  # truncated channel data surfaces only when pixels are decoded
-        raise FormatError(f"{where}: corrupt or truncated PSD layer data ({type(exc).__name__}: {exc})") from exc
+        raise FormatError(f"{where}: corrupt or truncated PSD layer data ({_reason(exc)})") from exc
     if xmp and isinstance(xmp.get("layers"), list) and [e.get("name") for e in xmp["layers"]
                                                         if isinstance(e, dict)] == stack.names():
         for layer, entry in zip(stack.layers, xmp["layers"]):
