@@ -46,6 +46,16 @@ def test_exemplars_learn_generate(model, tmp_path, capsys, monkeypatch):
     assert np.array_equal(np.asarray(Image.open("no.png")), np.asarray(Image.open("plain.png")))
     assert not np.array_equal(np.asarray(Image.open("no.png")), imgs[0])
 
+    # a diverged (NaN) identifier is refused instead of turning every image black; -i names what it defines
+    nan = ActionIdentifier.load(tmp_path / "jump.safetensors")
+    with torch.no_grad():
+        nan.embeddings.fill_(float("nan"))
+    nan.save(tmp_path / "nan.safetensors")
+    assert main(["action", "generate", "a red star <jump>", *common, "-i", "nan.safetensors", "-o", "nan.png"]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err and not (tmp_path / "nan.png").exists()
+    assert main(["action", "generate", "a red star <leap>", *common, "-i", "jump.safetensors", "-o", "l.png"]) == 2
+    assert "the -i files define <jump>" in capsys.readouterr().err
+
 
 def test_clear_errors(model, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -53,6 +63,14 @@ def test_clear_errors(model, tmp_path, capsys, monkeypatch):
     assert "unknown action 'fly'" in capsys.readouterr().err
     assert main(["action", "learn", "missing", "--name", "jump", "--model", str(model)]) == 2
     assert "not a folder" in capsys.readouterr().err
+    (tmp_path / "ex").mkdir()
+    for argv, fragment in ((["--steps", "0"], "--steps must be at least 1"),
+                           (["--num_exemplars", "1"], "--num_exemplars must be at least 2")):
+        assert main(["action", "learn", "ex", "--name", "jump", "--model", str(model), *argv]) == 2
+        captured = capsys.readouterr()
+        assert fragment in captured.err and "usage" not in captured.err + captured.out
+    assert main(["action", "generate", " ", "--model", str(model)]) == 2
+    assert "<jump>" in capsys.readouterr().err
     assert main(["action", "generate", "a cat <wave>", "--model", str(model), "-o", "x.png"]) == 2
     err = capsys.readouterr().err
     assert "<wave>" in err and "layergen action learn" in err and not (tmp_path / "x.png").exists()

@@ -122,6 +122,8 @@ def parse_args(argv=None):
         args.mask_quantile = 0.0
     if args.num_exemplars < 2:
         p.error("--num_exemplars must be at least 2 (context pairs need two subjects)")
+    if args.max_train_steps < 0:  # 0 is allowed: the initial identifier (the mask benchmark measures it)
+        p.error(f"--steps must be >= 0, got {args.max_train_steps}")
     return args
 
 

@@ -53,7 +53,11 @@ def register(subparsers) -> None:
     learn.add_argument("--seed", type=seed_arg)
     learn.set_defaults(func=run_learn)
 
-    g = sub.add_parser("generate", help='generate images from a prompt naming identifiers, e.g. "a cat <jump>"')
+    g = sub.add_parser("generate", help='generate images from a prompt naming identifiers, e.g. "a cat <jump>"',
+                       description="Generate images with the action model from a prompt whose <name> tokens are\n"
+                                   "learned identifiers (layergen action learn). Every <name> needs an identifier:\n"
+                                   "a -i FILE defining it, or <name>.safetensors in --identifier_dir.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("prompt", metavar="PROMPT")
     g.add_argument("-i", "--identifier", action="append", default=[],
                    help="identifier file; repeat for several (default: <name>.safetensors in --identifier_dir "
@@ -115,13 +119,20 @@ def run_exemplars(args) -> int:
 def run_learn(args) -> int:
     import tempfile
 
+    from ..atomic import check_writable
     from ..errors import LayergenError
 
     if not Path(args.exemplars).is_dir():
         raise LayergenError(f"{args.exemplars}: not a folder of exemplar images")
+    if args.steps is not None and args.steps < 1:
+        raise LayergenError(f"--steps must be at least 1, got {args.steps}")
+    if args.num_exemplars is not None and args.num_exemplars < 2:
+        raise LayergenError(f"--num_exemplars must be at least 2 (context pairs need two subjects), "
+                            f"got {args.num_exemplars}")
     module = training_script()
     name = args.name.strip().strip("<>")
     output = args.output or f"{name}.safetensors"
+    check_writable(output)
     with tempfile.TemporaryDirectory(prefix="layergen-action-") as tmp:
         argv = ["--exemplars", args.exemplars, "--name", name, "--output", output,
                 "--output_dir", args.work_dir or tmp, "--validation_steps", "0"]
@@ -146,6 +157,8 @@ def run_generate(args) -> int:
 
     if not 1 <= args.num_images <= 64:
         raise LayergenError(f"--num_images must be in [1, 64], got {args.num_images}")
+    if not args.prompt.strip():
+        raise LayergenError("PROMPT is empty; name a subject and an identifier, e.g. 'a blue cat in the snow <jump>'")
     check_seed(args.seed, "--seed", args.num_images)
     dest = Path(args.output)
     if dest.suffix.lower() != ".png":
@@ -163,7 +176,8 @@ def run_generate(args) -> int:
             continue
         f = Path(args.identifier_dir) / f"{token[1:-1]}.safetensors"
         if not f.is_file():
-            raise LayergenError(f"prompt names {token} but no identifier file was given and {f} does not exist; "
+            given = (f"the -i files define {', '.join(sorted(loaded))}" if loaded else "no identifier file was given")
+            raise LayergenError(f"prompt names {token} but {given} and {f} does not exist; "
                                 f"pass -i FILE or learn it with: layergen action learn EXEMPLARS --name {token[1:-1]}")
         pipe.load_action_identifier(f, strict=not args.no_strict)
     out = pipe(args.prompt, num_images_per_prompt=args.num_images, seed=args.seed,

@@ -81,9 +81,15 @@ def run(args) -> int:
 
     if args.layers is not None and args.layers < 1:
         raise LayergenError(f"--layers must be >= 1, got {args.layers}")
+    if args.steps < 1:
+        raise LayergenError(f"--steps must be >= 1, got {args.steps}")
     if sum(x is not None for x in (args.box, args.point, args.mask)) > 1:
         raise LayergenError("give only one kind of guidance: --box, --point or --mask")
-    if detect_format(args.output) in ("png", "webp"):
+    try:
+        fmt = detect_format(args.output)
+    except LayergenError as exc:  # its list of formats includes the flat ones, which decompose cannot write
+        raise LayergenError(f"{args.output}: unsupported output; use .psd, .ora, .zip or a folder") from exc
+    if fmt in ("png", "webp"):
         raise LayergenError(f"{args.output}: a flat image cannot hold layers; use .psd, .ora, .zip or a folder")
     check_writable(args.output)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..seeds import seed_arg
 
@@ -49,6 +50,8 @@ def run(args) -> int:
                             ("--mesh-resolution", args.mesh_resolution, 8)):
         if value < lo:
             raise LayergenError(f"{name} must be at least {lo}, got {value}")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise LayergenError(f"-o {args.output}: exists and is not a folder; the human is written into a folder")
     files = generate_human(layers=args.layers, seed=args.seed, output_dir=args.output, model_path=args.model,
                            num_inference_steps=args.steps, num_views=args.views, size=args.size,
                            mesh_resolution=args.mesh_resolution, mesh_format=args.mesh_format, body=args.body,

@@ -171,7 +171,7 @@ class ActionIdentifier(ModelMixin, ConfigMixin):
                 raise LayergenError(
                     f"identifier {self.token} was learned on base model {self.config.base_model or '?'} "
                     f"(UNet {self.config.unet_fingerprint}), not on this UNet ({fp}); relearn it for this model "
-                    "or load with strict=False to try it anyway")
+                    "or load with strict=False (CLI: --no_strict) to try it anyway")
 
     # -- file format -----------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -221,6 +221,8 @@ class ActionIdentifier(ModelMixin, ConfigMixin):
         if tuple(emb.shape) != tuple(ident.embeddings.shape):
             raise FormatError(f"{path}: embeddings have shape {tuple(emb.shape)}, metadata says "
                               f"{tuple(ident.embeddings.shape)}")
+        if not torch.isfinite(emb).all():  # NaN/inf would turn every image black without a word
+            raise FormatError(f"{path}: embeddings contain NaN or infinite values (a diverged training run?)")
         with torch.no_grad():
             ident.embeddings.copy_(emb)
         ident.extra_metadata = {k: v for k, v in meta.items() if k not in known}

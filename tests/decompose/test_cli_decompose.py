@@ -47,6 +47,10 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path, capsys):
     assert "at least 8x8" in capsys.readouterr().err and not out.exists()
     assert main(["decompose", str(path), "-o", str(tmp_path / "flat.png"), "--quiet"]) == 2
     assert "cannot hold layers" in capsys.readouterr().err
+    assert main(["decompose", str(path), "-o", str(tmp_path / "flat.jpg"), "--quiet"]) == 2
+    assert "use .psd, .ora, .zip or a folder" in capsys.readouterr().err
+    assert main(["decompose", str(path), "-o", str(out), "--steps", "0", "--quiet"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
     assert main(["decompose", str(tmp_path / "missing.png"), "-o", str(out)]) == 2
     assert list(tmp_path.glob("*.psd")) == []
 

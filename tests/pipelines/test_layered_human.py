@@ -268,6 +268,9 @@ def test_roundtrip_generate_human_and_cli(pipe, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("layergen: error:") and err.count("\n") == 1, (argv, err)
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "afile").write_text("x")  # refused before any sampling, not a traceback at export
+    assert cli_main(["human", "--model", str(model), "--layers", "body", "-o", str(tmp_path / "afile")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
 
 
 def test_bundled_mini_model_is_the_default(tmp_path, capsys):
