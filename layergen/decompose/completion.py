@@ -175,7 +175,7 @@ def fit_profile(image: np.ndarray, known: np.ndarray, angle: float, bin_width: f
     """Background as a function of one coordinate `u = x cos(angle) + y sin(angle)`.
 
     Returns the model image (H x W x 3) and its median absolute error on the
-    known pixels (median: objects left in `known` must not decide). Per-bin medians make it robust to objects left in `known`.
+    known pixels; per-bin medians (and the median error) keep objects left in `known` from deciding.
     """
     h, w = known.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -223,7 +223,11 @@ class StructureFill(BackgroundCompleter):
         known = ~hole
         angle, coherence = _structure_direction(image, known)
         if coherence < self.min_coherence and self.min_coherence > 0:
-            return None
+            # No dominant direction: a 2-D texture, or a plain colour (the commonest design background, a 1-D
+            # profile at any angle). Accept the plain case: the smooth fallback would continue the slope of a
+            # shadow's tail at the hole's edge into a dark blob under the object.
+            model, err = fit_profile(image, known, 0.0)
+            return model if err <= self.max_error else None
         # coarse-to-fine search around the tensor's angle (edges near the hole bias it slightly);
         # the axis directions are tried too, since horizons and gradients are often axis-aligned
         starts = [(fit_profile(image, known, a)[1], a) for a in (angle, 0.0, np.pi / 2)]

@@ -109,15 +109,20 @@ def initial_foreground(image: np.ndarray, threshold: float) -> np.ndarray:
     from .completion import _structure_direction
 
     _, coherence = _structure_direction(image, np.ones((h, w), bool))
-    # a 1-D background (strongly oriented, or explaining most pixels): objects are what it misses
-    if (coherence >= 0.3 and (res > threshold).mean() < 0.6) or (res < 0.03).mean() >= 0.6:
-        return dilate(res > threshold, 1)
     blur = cv2.GaussianBlur(image, (0, 0), 1.0)
     gx = np.abs(cv2.Sobel(blur, cv2.CV_32F, 1, 0, ksize=3)).max(-1)
     gy = np.abs(cv2.Sobel(blur, cv2.CV_32F, 0, 1, ksize=3)).max(-1)
     edges = np.hypot(gx, gy) > 4 * threshold
     edges = dilate(edges, 1)
     filled = ndimage.binary_fill_holes(edges)
+    # a 1-D background (strongly oriented, or explaining most pixels): objects are what it misses. Its
+    # profile is a median, so a large object pulls it and only the object's rim stands out; closed outlines
+    # clear of the frame add the interior (stripes' outlines run into the frame and stay out). An object
+    # pixel left out here is "background" the first fill copies into the object's own hole.
+    if (coherence >= 0.3 and (res > threshold).mean() < 0.6) or (res < 0.03).mean() >= 0.6:
+        lab, _ = ndimage.label(filled)
+        frame = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        return dilate(res > threshold, 1) | (filled & ~np.isin(lab, frame))
     return filled
 
 
@@ -347,7 +352,10 @@ def flat_proposals(image: np.ndarray, model: BackgroundModel, min_area_fraction:
     h, w = image.shape[:2]
     min_area = max(4, int(min_area_fraction * h * w))
     res = residual(image, model.background)
-    strong = (res > body_threshold) & ~shadow_like(image, model.background)
+    # the smoothing in `residual` spreads a body one pixel onto the background around it; a pixel the
+    # background explains by itself is not body (else that rim splits off as a background-coloured "object")
+    raw = np.abs(image - model.background).max(-1)
+    strong = (res > body_threshold) & (raw > 0.5 * body_threshold) & ~shadow_like(image, model.background)
     lab, n = ndimage.label(model.foreground)
     proposals = []
     for i in range(1, n + 1):

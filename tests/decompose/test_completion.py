@@ -53,6 +53,20 @@ def test_pyramid_and_biharmonic_exact_on_flat_colour():
         assert np.abs(c(img2, hole) - img).max() < 2 / 255, c
 
 
+def test_structure_fill_keeps_a_plain_colour_plain_next_to_a_shadow_tail():
+    """A plain background has no direction, but it is 1-D; a smooth fill would continue the darkening of a
+    shadow's tail at the hole's edge into a dark blob under the object."""
+    bg = np.array([0.94, 0.9, 0.78], np.float32)
+    img = np.broadcast_to(bg, (64, 64, 3)).copy()
+    hole = disc(64, 64, 30, 30, 14)
+    r = np.hypot(*(np.mgrid[0:64, 0:64] - 34.0))
+    shade = np.clip((19 - r) / 6, 0, 1)[..., None] * 0.5  # a soft shadow reaching past the hole's edge
+    img = np.where(hole[..., None], [0.1, 0.2, 0.8], img * (1 - shade)).astype(np.float32)
+    out = StructureFill()(img, hole)
+    assert np.abs(out[hole] - bg).max() < 0.02
+    assert np.abs(BiharmonicFill()(img, hole)[hole] - bg).max() > 0.1  # what the fallback did
+
+
 def test_structure_fill_falls_back_on_2d_content():
     rng = np.random.default_rng(0)
     img = rng.random((48, 48, 3)).astype(np.float32)

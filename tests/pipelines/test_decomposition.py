@@ -74,6 +74,33 @@ def test_automatic_and_recursive_modes(pipe):
     assert len(one.stack) == 2 and one.psnr == 100.0  # the rest stays in the background
 
 
+def test_flat_design_gives_one_layer_per_shape_and_the_shadow_with_its_object(pipe):
+    """Hard-edged shapes on a plain colour (what a user draws in any editor): exactly one layer per shape, a
+    background of the plain colour, and a soft shadow in its object's layer, not left behind in the background."""
+    from PIL import ImageDraw, ImageFilter
+
+    im = Image.new("RGB", (97, 131), (50, 50, 60))
+    draw = ImageDraw.Draw(im)
+    draw.polygon([(48, 12), (80, 60), (16, 60)], fill=(255, 200, 0))
+    draw.rectangle((40, 75, 85, 120), fill=(200, 0, 200))
+    layers = pipe(np.asarray(im)).stack.layers
+    assert len(layers) == 3 and (layers[0].pixels[..., :3] == (50, 50, 60)).all()
+    colours = sorted(tuple(l.pixels[..., :3][l.pixels[..., 3] == 255].mean(0).round()) for l in layers[1:])
+    assert colours == [(200, 0, 200), (255, 200, 0)]
+
+    im = Image.new("RGB", (160, 120), (240, 230, 200))
+    shadow = Image.new("L", im.size, 0)
+    ImageDraw.Draw(shadow).ellipse((45, 45, 105, 105), fill=120)
+    im.paste((0, 0, 0), (0, 0), shadow.filter(ImageFilter.GaussianBlur(5)))
+    ImageDraw.Draw(im).ellipse((35, 35, 95, 95), fill=(30, 60, 200))
+    stack = pipe(np.asarray(im)).stack
+    assert len(stack) == 2
+    off = np.abs(stack[0].pixels[..., :3].astype(int) - (240, 230, 200)).max(-1)
+    assert (off > 20).sum() < 60 and off.mean() < 1.0  # before: a dark disc where the shadow was
+    alpha = stack[1].pixels[..., 3]
+    assert ((alpha > 20) & (alpha < 200)).sum() > 600  # the visible crescent of the shadow
+
+
 def test_real_photo_is_decomposed_into_a_subject_and_background(pipe):
     import skimage.data
 
