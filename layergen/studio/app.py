@@ -85,8 +85,16 @@ def _check_seed(seed) -> int:
 
 
 def _check_image(image, what: str = "image") -> np.ndarray:
+    """An array, or an uploaded file's path (decoded here, so a corrupt upload gets a clear message)."""
     if image is None:
         raise LayerError(f"upload an {what} first")
+    if isinstance(image, (str, Path)):
+        from ..layers.formats._common import decode_image
+
+        path = Path(image)
+        if path.stat().st_size > MAX_UPLOAD_BYTES:
+            raise LayerError(f"{path.name} is larger than the studio accepts ({MAX_UPLOAD_BYTES // 2**20} MB)")
+        image = decode_image(path.read_bytes(), path.name)
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
         raise LayerError(f"the {what} must be an 8-bit picture")
@@ -309,7 +317,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                         with gr.Tab("Decompose", id="decompose", elem_id="tab-decompose"):
                             gr.Markdown("Upload a flat picture; optionally draw or type a box around each object. "
                                         "Its layers replace the document (undo brings the old one back).")
-                            dec_image = gr.Image(label="Flat image", type="numpy", image_mode="RGBA", format="png",
+                            dec_image = gr.Image(label="Flat image", type="filepath", image_mode=None, format="png",
                                                  sources=["upload", "clipboard"], elem_id="decompose-image")
                             dec_sketch = gr.ImageEditor(label="Draw boxes (optional)", type="numpy", image_mode="RGBA",
                                                         format="png", layers=False, transforms=(), height=320,
@@ -462,7 +470,13 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 raise LayerError("draw or type at least one box (or tick 'Also generate a background')")
             progress(0, desc="Generating layout")
             layers = backends.generate_layout(text, boxes, s, d.width, d.height, background=bool(background))
-            d.add_layers(layers, label=f"Generate {len(layers)} layers")
+            n = len(layers)
+            with d.edit(f"Generate {n} layer{'s' * (n != 1)}"):  # one undo step
+                if background and n:  # an opaque background belongs under the document, not over it
+                    d.add_layers(layers[:1], index=0)
+                    layers = layers[1:]
+                if layers:
+                    d.add_layers(layers)
 
         lay_btn.click(act(generate_layout), [doc, lay_prompt, lay_boxes, lay_seed, lay_background], outputs,
                       api_name="generate_layout", **model)

@@ -503,7 +503,7 @@ class PipelineBackend(LayerBackend):
         if not background:  # layers over a neutral canvas; the canvas itself is not returned
             kwargs["background"] = np.full((int(height), int(width), 3), 128, np.uint8)
         stack = _call_with_supported(self.multilayer, **kwargs).stacks[0]
-        layers = [layer.copy() for layer in stack.layers]
+        layers = [_named_by_prompt(layer.copy()) for layer in stack.layers]
         for layer in layers:
             layer.metadata.setdefault("backend", self.description)
         return layers if background else layers[1:]
@@ -517,7 +517,7 @@ class PipelineBackend(LayerBackend):
         steps = self.call_kwargs.get("num_inference_steps")
         if steps:
             kwargs["num_inference_steps"] = steps
-        new = self.multilayer.repaint(stack, index, **kwargs).stacks[0][index].copy()
+        new = _named_by_prompt(self.multilayer.repaint(stack, index, **kwargs).stacks[0][index].copy())
         new.metadata.setdefault("backend", self.description)
         return new
 
@@ -534,6 +534,15 @@ class PipelineBackend(LayerBackend):
         if isinstance(out, LayerStack):
             return out
         return LayerStack(rgba.shape[1], rgba.shape[0], _to_layers(out))
+
+
+def _named_by_prompt(layer: Layer) -> Layer:
+    """The studio names instance layers by their prompt, like every other backend: the multi-layer pipeline's
+    "2: a red star" carries a position that goes stale as soon as the user reorders layers."""
+    prompt = layer.metadata.get("prompt")
+    if layer.metadata.get("kind") == "instance" and isinstance(prompt, str) and prompt.strip():
+        layer.name = prompt.strip()[:60]
+    return layer
 
 
 # Where the bundled learned decomposer would live (the classical DecompositionPipeline needs no weights).

@@ -469,4 +469,7 @@ def load_upload(path, max_bytes: int = MAX_UPLOAD_BYTES) -> LayerStack:
     fmt = formats.detect_format(path)
     if fmt == "dir":
         raise FormatError(f"{path.name}: upload a .psd, .ora, .zip, .png or .webp file")
-    return formats.load(path, format=fmt)
+    try:
+        return formats.load(path, format=fmt)
+    except FormatError as exc:  # the user knows the file's name, not the server's upload folder
+        raise FormatError(str(exc).replace(str(path), path.name)) from None

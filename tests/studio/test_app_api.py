@@ -136,6 +136,12 @@ def test_conditioned_generation_and_layout(client):
         assert x0 <= l["x"] and y0 <= l["y"] and l["x"] + l["width"] <= x1 and l["y"] + l["height"] <= y1
     r = client.predict(api_name="/undo")  # the whole layout is one undo step
     assert len(info(r)["layers"]) == 3
+    # a layout with a background on a document that has layers: the background goes under them, one undo step
+    r = client.predict("a red star on a sky", table([[10, 10, 90, 90, ""]]), 6, True, api_name="/generate_layout")
+    kinds = [l["kind"] for l in info(r)["layers"]]
+    assert kinds[:1] == ["background"] and kinds[-1] == "instance" and len(kinds) == 5
+    assert names(r)[1:3] == ["horizon with a blue sky and teal ground", "purple heart"]  # still in order above it
+    assert len(info(client.predict(api_name="/undo"))["layers"]) == 3
     with pytest.raises(AppError, match="row 1"):
         client.predict("x", table([[0, 0, 999, 10, ""]]), 0, False, api_name="/generate_layout")
 
@@ -152,6 +158,10 @@ def test_decompose_upload(client, tmp_path):
     assert np.array_equal(stack.composite()[..., :3], scene.composite)
     r = client.predict(api_name="/undo")
     assert info(r)["layers"] == [] and info(r)["width"] == 256
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(path.read_bytes()[:400])  # a PNG cut short: decoded by layergen, named in the message
+    with pytest.raises(AppError, match="cut.png: cannot decode image"):
+        client.predict(handle_file(str(cut)), table([]), api_name="/decompose")
 
 
 def test_import_and_file_validation(client, tmp_path):
@@ -166,8 +176,9 @@ def test_import_and_file_validation(client, tmp_path):
         client.predict(handle_file(str(txt)), api_name="/import_file")
     fake = tmp_path / "fake.psd"
     fake.write_bytes(b"this is not a psd file")
-    with pytest.raises(AppError, match="fake.psd"):
+    with pytest.raises(AppError, match="^fake.psd: not a PSD file") as exc:  # not the server's upload path
         client.predict(handle_file(str(fake)), api_name="/import_file")
+    assert "/" not in str(exc.value).split(":")[0]
     big = tmp_path / "big.png"
     big.write_bytes(b"\0" * (5 * 2**20))  # over the 4 MB limit the test server was launched with
     with pytest.raises(Exception):

@@ -222,6 +222,7 @@ def test_pipeline_backend_layouts_and_repaint_go_through_the_multilayer_pipeline
     layers = backend.generate_layout("a blue ring on a grey background", boxes, 4, 64, 64)
     assert [l.kind for l in layers] == ["background", "instance", "instance"]
     assert layers[1].metadata["prompt"] == "a red star" and layers[2].metadata["prompt"] == "a blue ring"
+    assert [l.name for l in layers[1:]] == ["a red star", "a blue ring"]  # no position prefix to go stale
     # each layer lies inside its box (the pipeline crops layers to their boxes)
     for layer, box in zip(layers[1:], boxes):
         assert (layer.x, layer.y) == (box.x0, box.y0)
@@ -235,6 +236,6 @@ def test_pipeline_backend_layouts_and_repaint_go_through_the_multilayer_pipeline
 
     stack = LayerStack(64, 64, layers)
     new = backend.repaint(stack, 1, "a green heart", 9)
-    assert new.metadata["prompt"] == "a green heart" and (new.x, new.y) == (2, 2)
+    assert new.metadata["prompt"] == "a green heart" and (new.x, new.y) == (2, 2) and new.name == "a green heart"
     assert not np.array_equal(new.pixels, layers[1].pixels)
     assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(stack.layers, layers))  # input untouched
