@@ -70,25 +70,82 @@ def due(step: int, every: int | None) -> bool:
     return bool(every) and step % every == 0
 
 
+def _number(kind, low: float, low_ok: bool, high: float | None = None, high_ok: bool = False):
+    """An argparse `type=` for a finite number in a range: a bad value is a usage error (exit 2) before
+    anything loads, not a traceback from the optimiser or a run that trains nothing."""
+    import argparse
+    import math
+
+    span = f"{'[' if low_ok else '('}{low:g}, " + (f"{high:g}{']' if high_ok else ')'}" if high is not None else "inf)")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        inside = math.isfinite(value) and (value >= low if low_ok else value > low) and (
+            high is None or (value <= high if high_ok else value < high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, True)
+non_negative_int = _number(int, 0, True)
+positive_float = _number(float, 0, False)
+non_negative_float = _number(float, 0, True)
+unit_float = _number(float, 0, True, 1, False)  # decays, quantiles
+
+
+def run_script(main) -> None:
+    """`if __name__ == "__main__": run_script(main)`: a bad data folder or model path (a `LayergenError`) ends
+    the script with one line and exit code 2, like the `layergen` CLI, instead of a traceback."""
+    import sys
+
+    from .errors import LayergenError
+
+    try:
+        main()
+    except LayergenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def local_model(path, flag: str) -> Path:
+    """A model folder given on the command line, checked before loading: a missing path is a clear error, never
+    a Hub repo id to download."""
+    from .errors import ModelNotFoundError
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{flag} {path}: no such folder (training never downloads; pass a model folder "
+                                 "on disk)")
+    return path
+
+
 def add_training_args(parser, *, train_batch_size: int, max_train_steps: int, learning_rate: float,
                       lr_warmup_steps: int, checkpointing_steps: int = 250, validation_steps: int = 500,
                       checkpoints_total_limit: int = 2, ema_decay: float | None = 0.995) -> None:
     """The optimisation, checkpoint and logging flags the training scripts share, named as in diffusers
     examples/; each script passes its own defaults. `ema_decay=None`: the script keeps no EMA."""
     p = parser
-    p.add_argument("--train_batch_size", type=int, default=train_batch_size)
-    p.add_argument("--max_train_steps", type=int, default=max_train_steps)
-    p.add_argument("--learning_rate", type=float, default=learning_rate)
-    p.add_argument("--lr_warmup_steps", type=int, default=lr_warmup_steps)
+    p.add_argument("--train_batch_size", type=positive_int, default=train_batch_size)
+    p.add_argument("--max_train_steps", type=non_negative_int, default=max_train_steps)  # 0: save the initial model
+    p.add_argument("--learning_rate", type=non_negative_float, default=learning_rate)
+    p.add_argument("--lr_warmup_steps", type=non_negative_int, default=lr_warmup_steps)
     if ema_decay is not None:
         p.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is what is saved.")
-        p.add_argument("--ema_decay", type=float, default=ema_decay)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
-    p.add_argument("--checkpoints_total_limit", type=int, default=checkpoints_total_limit)
+        p.add_argument("--ema_decay", type=unit_float, default=ema_decay)
+    p.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    p.add_argument("--max_grad_norm", type=positive_float, default=1.0)
+    p.add_argument("--checkpointing_steps", type=non_negative_int, default=checkpointing_steps)
+    p.add_argument("--checkpoints_total_limit", type=non_negative_int, default=checkpoints_total_limit)
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder.")
-    p.add_argument("--validation_steps", type=int, default=validation_steps)
+    p.add_argument("--validation_steps", type=non_negative_int, default=validation_steps)
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--report_to", default=None, help='"tensorboard", "wandb", ... (needs the package).')
     p.add_argument("--seed", type=seed_arg, default=0)

@@ -2,6 +2,7 @@ import argparse
 import io
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
@@ -9,8 +10,9 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step,
-                                     prepare_training, start_accelerator, step_schedule)
+from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, local_model, optimizer_step,
+                                     prepare_training, run_script, start_accelerator, step_schedule)
+from layergen.errors import LayergenError, ModelNotFoundError
 
 
 def test_averaged_copy_carries_ema_weights_and_leaves_the_model_alone():
@@ -199,3 +201,51 @@ def test_layer_and_background_latents_batch_like_one_by_one():
         torch.testing.assert_close(rgba_latents(vae, enc, [obj.rgba]).float(), fg, atol=2e-3, rtol=2e-3)
     empty = layer_and_background_latents(vae, enc, 0, 32, disable=True)
     assert empty == {"fg": None, "bg": None, "fg_caps": [], "bg_caps": []}
+
+
+def test_shared_flags_refuse_values_that_would_crash_or_train_nothing(capsys):
+    """nan / negative learning rates, zero batches or accumulation, negative steps: a usage error (exit 2)
+    before anything loads, not an optimiser traceback or a run that saves an untrained model."""
+    p = argparse.ArgumentParser()
+    add_training_args(p, train_batch_size=2, max_train_steps=10, learning_rate=1e-4, lr_warmup_steps=0)
+    args = p.parse_args(["--max_train_steps", "0", "--learning_rate", "3e-4", "--ema_decay", "0.99"])
+    assert (args.max_train_steps, args.learning_rate, args.ema_decay) == (0, 3e-4, 0.99)  # 0: save the initial model
+    for flag, value in (("--learning_rate", "nan"), ("--learning_rate", "-1e-4"), ("--learning_rate", "inf"),
+                        ("--train_batch_size", "0"), ("--gradient_accumulation_steps", "0"),
+                        ("--max_train_steps", "-1"), ("--max_grad_norm", "inf"), ("--ema_decay", "1"),
+                        ("--train_batch_size", "2.5")):
+        with pytest.raises(SystemExit) as exc:
+            p.parse_args([flag, value])
+        assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_scripts_report_bad_models_and_data_in_one_line(tmp_path):
+    """The scripts' own entry point (`run_script`): a missing model folder is named, never tried as a Hub id."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for script, argv, fragment in (
+            ("train_vae.py", ["--pretrained_model_name_or_path", str(tmp_path / "nope")], "no such folder"),
+            ("train_layer_unet.py", ["--vae", str(tmp_path / "nope"), "--codec", str(tmp_path)], "--vae"),
+            ("train_action_identifier.py", ["--name", "x", "--exemplars", str(tmp_path / "none")], "none"),
+            ("train_vae.py", ["--learning_rate", "nan"], "--learning_rate")):
+        proc = subprocess.run([sys.executable, str(root / "training" / script), "--output_dir", str(tmp_path / "o"),
+                               *argv], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (script, proc.stderr[-2000:])
+        assert fragment in proc.stderr.strip().splitlines()[-1], (script, proc.stderr)
+    assert not (tmp_path / "o" / "vae").exists()
+
+
+def test_local_model_and_run_script(tmp_path, capsys):
+    assert local_model(tmp_path, "--vae") == tmp_path
+    with pytest.raises(ModelNotFoundError, match="--vae .*nope: no such folder"):
+        local_model(tmp_path / "nope", "--vae")
+
+    def failing():
+        raise LayergenError("the data folder is empty")
+
+    with pytest.raises(SystemExit) as exc:
+        run_script(failing)
+    assert exc.value.code == 2 and capsys.readouterr().err == "error: the data folder is empty\n"

@@ -47,7 +47,7 @@ from layergen.data.mannequins import (HELDOUT_SEED_START, LAYER_NAMES, REF_STEP,
 from layergen.models.triplane import TriplaneDecoder, clamp_planes_, plane_l1, plane_tv
 from layergen.models.volume_renderer import (VolumeRenderer, get_rays, intrinsics, masked_psnr, masked_ssim,
                                              orbit_cameras, ray_box_intersect)
-from layergen.training_utils import due, resume_step, save_checkpoint, start_accelerator
+from layergen.training_utils import due, resume_step, run_script, save_checkpoint, start_accelerator
 
 logger = logging.getLogger("fit_triplanes")
 NUM_SLOTS = len(LAYER_NAMES)
@@ -433,4 +433,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from layergen.data.figures import (FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure,
                                    subject_caption)
 from layergen.training_utils import (add_training_args, averaged_copy, due, embed_texts, finish_step, load_text_encoder,
-                                     optimizer_step, prepare_training, rgb_latents, save_image_grid, save_text_pipeline,
-                                     start_accelerator)
+                                     local_model, optimizer_step, prepare_training, rgb_latents, run_script,
+                                     save_image_grid, save_text_pipeline, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ def main(argv=None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
+    vae_dir = local_model(args.vae, "--vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval().requires_grad_(False)
     tokenizer, text_encoder, text_path = load_text_encoder(args.text_encoder, args.tokenizer_max_length)
     with accelerator.main_process_first():
         cache = build_cache(args, vae, tokenizer, text_encoder, accelerator)
@@ -220,4 +221,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

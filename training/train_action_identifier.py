@@ -51,7 +51,8 @@ from layergen.layers.formats._common import decode_image
 from layergen.models.action_identifier import (ActionIdentifier, GradientInvarianceMasker, identifier_masks,
                                                input_embedding_override, install_identifier_processors,
                                                limit_row_norms, masked_step, substitute_identifiers)
-from layergen.training_utils import due, finish_step, resume_step, save_image_grid, start_accelerator, step_schedule
+from layergen.training_utils import (due, finish_step, non_negative_float, positive_int, resume_step, run_script,
+                                     save_image_grid, start_accelerator, step_schedule)
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -81,8 +82,8 @@ def parse_args(argv=None):
                         "Default: '{caption} {token}' for adi, 'a {token}' for textual_inversion.")
     p.add_argument("--num_exemplars", type=int, default=4, help="Use the first N exemplars (sorted by name).")
     p.add_argument("--steps", "--max_train_steps", dest="max_train_steps", type=int, default=600)
-    p.add_argument("--train_batch_size", type=int, default=4, help="Anchors per step (each brings partners).")
-    p.add_argument("--learning_rate", type=float, default=None,
+    p.add_argument("--train_batch_size", type=positive_int, default=4, help="Anchors per step (each brings partners).")
+    p.add_argument("--learning_rate", type=non_negative_float, default=None,
                    help="Default 5e-2 (output-space tokens) or 2e-2 (textual inversion); see docs/actions.md.")
     p.add_argument("--weight_decay", type=float, default=1e-2)
     p.add_argument("--lr_warmup_steps", type=int, default=0)
@@ -502,4 +503,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

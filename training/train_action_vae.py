@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from layergen.atomic import atomic_dir
 from layergen.data.figures import HELDOUT_SEED_START, make_figure
-from layergen.training_utils import due, finish_step, resume_step, save_image_grid, start_accelerator
+from layergen.training_utils import (due, finish_step, local_model, resume_step, run_script, save_image_grid,
+                                     start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def main(argv=None):
     set_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vae = AutoencoderKL.from_pretrained(args.pretrained_vae, local_files_only=True, torch_dtype=torch.float32)
+    pretrained_vae_dir = local_model(args.pretrained_vae, "--pretrained_vae")
+    vae = AutoencoderKL.from_pretrained(pretrained_vae_dir, local_files_only=True, torch_dtype=torch.float32)
     vae.train()
     cache = out / f"figures-{args.num_samples}-{args.resolution}.pt"
     if cache.exists():
@@ -132,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

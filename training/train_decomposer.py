@@ -39,8 +39,8 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.learned import LayerDecomposer, decode_rgb, encode_layer, encode_rgb, \
     save_decomposition_pipeline
 from layergen.layers import Layer, LayerStack
-from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step,
-                                     prepare_training, rgba_preview, save_image_grid, start_accelerator)
+from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, local_model, optimizer_step,
+                                     prepare_training, rgba_preview, run_script, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +177,13 @@ def main(argv=None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
+    vae_dir = local_model(args.vae, "--vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval().requires_grad_(False)
     encoder = decoder = None
     if args.codec:
         from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder
 
-        encoder = TransparentEncoder.from_pretrained(Path(args.codec) / "transparent_encoder").eval()
+        encoder = TransparentEncoder.from_pretrained(local_model(args.codec, "--codec") / "transparent_encoder").eval()
         decoder = TransparentDecoder.from_pretrained(Path(args.codec) / "transparent_decoder").eval()
         encoder.requires_grad_(False)
         decoder.requires_grad_(False)
@@ -253,4 +254,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -45,7 +45,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from layergen.training_utils import due, finish_step, optimizer_step, resume_step, rgba_preview, save_image_grid
+from layergen.training_utils import (due, finish_step, non_negative_float, optimizer_step, positive_int, resume_step,
+                                     rgba_preview, run_script, save_image_grid)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--caption_column", default=CAPTION_COLUMN, help="Caption key in metadata.jsonl.")
     p.add_argument("--min_size", type=int, default=8, help="Skip layers whose visible content is smaller (px).")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--resolution", type=int, default=None, help="Training size (default: the model's native size).")
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="Training size (default: the model's native size).")
     p.add_argument("--resize_mode", default="pad", choices=["pad", "crop", "stretch"])
     p.add_argument("--random_flip", action="store_true")
     # what to train
@@ -85,12 +87,12 @@ def parse_args(argv=None):
     p.add_argument("--caption_dropout", type=float, default=0.05,
                    help="Train with the empty caption this often (keeps classifier-free guidance working).")
     # optimisation
-    p.add_argument("--train_batch_size", type=int, default=4)
+    p.add_argument("--train_batch_size", type=positive_int, default=4)
     p.add_argument("--num_train_epochs", type=int, default=100)
     p.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--learning_rate", type=non_negative_float, default=1e-4)
     p.add_argument("--scale_lr", action="store_true", help="Multiply the LR by batch x accumulation x processes.")
     p.add_argument("--lr_scheduler", default="constant",
                    help='"constant", "constant_with_warmup", "linear", "cosine", ... (diffusers get_scheduler).')
@@ -585,12 +587,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-
-    from layergen.errors import LayergenError
-
-    try:
-        main()
-    except LayergenError as exc:  # bad data folder / model: one line, no traceback
-        print(f"train_layer_lora: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -33,7 +33,8 @@ from layergen.atomic import atomic_dir
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.matte_net import LayerMatteNet
 from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step,
-                                     prepare_training, rgba_preview, save_image_grid, start_accelerator, step_schedule)
+                                     prepare_training, rgba_preview, run_script, save_image_grid, start_accelerator,
+                                     step_schedule)
 
 logger = logging.getLogger(__name__)
 VALIDATION_SEED_START = HELDOUT_SEED_START + 500_000  # held out, and apart from the benchmark's seeds
@@ -196,4 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

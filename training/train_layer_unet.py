@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from layergen.data.scenes import HELDOUT_SEED_START
 from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder
 from layergen.training_utils import (add_training_args, averaged_copy, due, embed_texts, finish_step,
-                                     layer_and_background_latents, load_text_encoder, optimizer_step,
-                                     prepare_training, rgba_preview, save_image_grid, save_text_pipeline,
+                                     layer_and_background_latents, load_text_encoder, local_model, optimizer_step,
+                                     prepare_training, rgba_preview, run_script, save_image_grid, save_text_pipeline,
                                      start_accelerator)
 
 logger = logging.getLogger(__name__)
@@ -162,8 +162,10 @@ def main(argv=None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
-    encoder = TransparentEncoder.from_pretrained(Path(args.codec) / "transparent_encoder").eval().requires_grad_(False)
+    vae_dir = local_model(args.vae, "--vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval().requires_grad_(False)
+    codec_dir = local_model(args.codec, "--codec")
+    encoder = TransparentEncoder.from_pretrained(codec_dir / "transparent_encoder").eval().requires_grad_(False)
     decoder = TransparentDecoder.from_pretrained(Path(args.codec) / "transparent_decoder").eval().requires_grad_(False)
     tokenizer, text_encoder, text_path = load_text_encoder(args.text_encoder, args.tokenizer_max_length)
     with accelerator.main_process_first():
@@ -226,4 +228,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

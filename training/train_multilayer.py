@@ -45,8 +45,8 @@ from layergen.layers.compositing import composite_layers
 from layergen.layout import Box
 from layergen.pipelines.pipeline_multilayer import crop_pixels, region_crop, resize_rgba
 from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, layer_and_background_latents,
-                                     optimizer_step, prepare_training, rgb_latents, rgba_latents, save_image_grid,
-                                     start_accelerator)
+                                     optimizer_step, prepare_training, rgb_latents, rgba_latents, run_script,
+                                     save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -291,4 +291,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

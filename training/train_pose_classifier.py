@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from layergen.atomic import atomic_dir
 from layergen.data.figures import ACTIONS, FIGURE_BACKGROUNDS, FIGURE_COLOURS, HELDOUT_SEED_START, SPECIES, make_figure
 from layergen.models.figure_classifier import FigureClassifier
-from layergen.training_utils import finish_step, resume_step, start_accelerator, step_schedule
+from layergen.training_utils import finish_step, local_model, resume_step, run_script, start_accelerator, step_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ def main(argv=None):
     if args.vae:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
+        vae_dir = local_model(args.vae, "--vae")
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval().requires_grad_(False)
     cache = Path(args.data_cache or out) / f"figures-{args.num_samples}-{args.resolution}-vae{bool(vae)}.pt"
     if cache.exists():
         data = torch.load(cache, weights_only=False)
@@ -208,4 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

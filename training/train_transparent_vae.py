@@ -51,8 +51,8 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_object_layer, make_sce
 from layergen.models.transparent_codec import (
     MINI_DECODER_CONFIG, MINI_ENCODER_CONFIG, TransparentDecoder, TransparentEncoder, premultiply_on_grey,
     vae_scale_factor)
-from layergen.training_utils import (add_training_args, due, finish_step, optimizer_step, resume_step, rgba_preview,
-                                     save_image_grid, start_accelerator)
+from layergen.training_utils import (add_training_args, due, finish_step, local_model, optimizer_step, resume_step,
+                                     rgba_preview, run_script, save_image_grid, start_accelerator)
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae = AutoencoderKL.from_pretrained(args.pretrained_vae)
+    vae = AutoencoderKL.from_pretrained(local_model(args.pretrained_vae, "--pretrained_vae"), local_files_only=True)
     vae.requires_grad_(False)
     vae.eval()
     vae.to(accelerator.device)
@@ -405,4 +405,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -49,7 +49,7 @@ from layergen.data.mannequins import LAYER_NAMES
 from layergen.models.triplane import TriplaneDecoder, flip_x
 from layergen.models.triplane_unet import LayeredTriplaneUNet
 from layergen.training_utils import (add_training_args, due, finish_step, optimizer_step, resume_step, rgba_preview,
-                                     save_checkpoint, save_image_grid, start_accelerator)
+                                     run_script, save_checkpoint, save_image_grid, start_accelerator)
 
 logger = logging.getLogger("train_triplane_diffusion")
 
@@ -340,4 +340,4 @@ def _validate_with_ema(unet, ema, decoder, noise_scheduler, args, accelerator, s
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from layergen.atomic import atomic_dir
 from layergen.data.datasets import SceneImageDataset
 from layergen.data.scenes import HELDOUT_SEED_START
-from layergen.training_utils import (add_training_args, due, finish_step, optimizer_step, resume_step, save_image_grid,
-                                     start_accelerator, step_schedule)
+from layergen.training_utils import (add_training_args, due, finish_step, local_model, optimizer_step, resume_step,
+                                     run_script, save_image_grid, start_accelerator, step_schedule)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def parse_args(argv=None):
 
 def build_vae(args) -> AutoencoderKL:
     if args.pretrained_model_name_or_path:
-        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path)
+        return AutoencoderKL.from_pretrained(local_model(args.pretrained_model_name_or_path,
+                                                         "--pretrained_model_name_or_path"), local_files_only=True)
     n = len(args.block_out_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=args.latent_channels,
@@ -159,4 +160,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
