@@ -62,7 +62,8 @@ def check_model_dir(path) -> Path:
     if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
         raise ModelNotFoundError(
             f"{path}: not a local diffusers model folder (no model_index.json/config.json). layergen never "
-            "downloads; pass the path of a checkpoint on disk, or leave the model option out to use the bundled layergen-mini")
+            "downloads; pass the path of a checkpoint on disk, or leave the model option out to use the bundled "
+            "layergen-mini")
     return path
 
 

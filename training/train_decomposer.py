@@ -183,8 +183,9 @@ def main(argv=None):
     if args.codec:
         from layergen.models.transparent_codec import TransparentDecoder, TransparentEncoder
 
-        encoder = TransparentEncoder.from_pretrained(local_model(args.codec, "--codec") / "transparent_encoder").eval()
-        decoder = TransparentDecoder.from_pretrained(Path(args.codec) / "transparent_decoder").eval()
+        codec_dir = local_model(args.codec, "--codec")
+        encoder = TransparentEncoder.from_pretrained(codec_dir / "transparent_encoder").eval()
+        decoder = TransparentDecoder.from_pretrained(codec_dir / "transparent_decoder").eval()
         encoder.requires_grad_(False)
         decoder.requires_grad_(False)
     with accelerator.main_process_first():

@@ -166,7 +166,7 @@ def main(argv=None):
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval().requires_grad_(False)
     codec_dir = local_model(args.codec, "--codec")
     encoder = TransparentEncoder.from_pretrained(codec_dir / "transparent_encoder").eval().requires_grad_(False)
-    decoder = TransparentDecoder.from_pretrained(Path(args.codec) / "transparent_decoder").eval().requires_grad_(False)
+    decoder = TransparentDecoder.from_pretrained(codec_dir / "transparent_decoder").eval().requires_grad_(False)
     tokenizer, text_encoder, text_path = load_text_encoder(args.text_encoder, args.tokenizer_max_length)
     with accelerator.main_process_first():
         cache = build_cache(args, vae, encoder, tokenizer, text_encoder, accelerator)

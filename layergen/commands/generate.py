@@ -205,6 +205,7 @@ def read_image(path: str, flag: str):
 
 def build_request(args) -> Request:
     from ..atomic import check_writable
+    from ..layout import MAX_LAYERS
 
     mode = select_mode(args)
     prompt = (args.prompt or "").strip()
@@ -239,8 +240,8 @@ def build_request(args) -> Request:
             raise _error(f"{' and '.join(ignored)} cannot be used with --{MODE_FLAGS[mode]}: "
                          + ("the document is IMAGE + the new layer" if mode == "background" else
                             "PROMPT describes the background"))
-    if args.box and len(args.box) > LAYOUT_SEED_STRIDE - 1:
-        raise _error(f"at most {LAYOUT_SEED_STRIDE - 1} --box flags, got {len(args.box)}")
+    if args.box and len(args.box) > MAX_LAYERS:
+        raise _error(f"at most {MAX_LAYERS} --box flags, got {len(args.box)}")
     condition = None
     if mode == "background":
         condition = read_image(args.bg, "--bg")

@@ -36,7 +36,7 @@ from ..errors import LayergenError, ModelNotFoundError
 from ..models.triplane import TriplaneDecoder, grid_points
 from ..models.triplane_unet import LayeredTriplaneUNet
 from ..models.volume_renderer import VolumeRenderer, intrinsics, orbit_cameras
-from ..seeds import check_seed
+from ..seeds import generator
 
 # density at which a render step of REF_STEP is half opaque: the iso-level of exported meshes
 SURFACE_DENSITY = float(np.log(2.0) / REF_STEP)
@@ -716,7 +716,7 @@ def generate_human(layers="body,pants,shirt,shoes", seed: int = 0, output_dir="h
     pipe.set_progress_bar_config(disable=not progress)
     body_tp = load_triplanes(body)[0] if body is not None else None
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(check_seed(seed))
+    gen = generator(seed)
     out = pipe(layers=names, num_inference_steps=num_inference_steps, generator=gen, body_triplane=body_tp,
                keep_uncovered=keep_uncovered, compose=keep_uncovered if compose is None else compose)
     t_sample = time.perf_counter() - t0

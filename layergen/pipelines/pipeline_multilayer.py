@@ -479,7 +479,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
     @staticmethod
     def _resolve_seed(seed, generator) -> int:
         if seed is not None:
-            return check_seed(seed)
+            return seed  # checked by the caller, with the span of box seeds it derives
         if isinstance(generator, torch.Generator):
             return int(generator.initial_seed()) % 2**62  # a generator seeded at random may hold any 64-bit seed
         return secrets.randbits(31)

@@ -85,15 +85,14 @@ def _check_seed(seed) -> int:
 
 
 def _check_image(image, what: str = "image") -> np.ndarray:
-    """An array, or an uploaded file's path (decoded here, so a corrupt upload gets a clear message)."""
+    """An array, or an uploaded file's path (decoded here, so a corrupt upload gets a clear message; Gradio's
+    `max_file_size`, set at launch, has already bounded its size)."""
     if image is None:
         raise LayerError(f"upload an {what} first")
     if isinstance(image, (str, Path)):
         from ..layers.formats._common import decode_image
 
         path = Path(image)
-        if path.stat().st_size > MAX_UPLOAD_BYTES:
-            raise LayerError(f"{path.name} is larger than the studio accepts ({MAX_UPLOAD_BYTES // 2**20} MB)")
         image = decode_image(path.read_bytes(), path.name)
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
