@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from layergen.atomic import atomic_dir
 from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.matte_net import LayerMatteNet
-from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, optimizer_step,
-                                     prepare_training, rgba_preview, run_script, save_image_grid, start_accelerator,
+from layergen.errors import LayergenError
+from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, local_model,
+                                     optimizer_step, prepare_training, rgba_preview, run_script, save_image_grid, start_accelerator,
                                      step_schedule)
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--iou_weight", type=float, default=1.0)
     p.add_argument("--colour_weight", type=float, default=0.5)
     p.add_argument("--num_validation", type=int, default=48, help="held-out scenes scored at each validation")
+    p.add_argument("--init_matte", default=None,
+                   help="Start from these LayerMatteNet weights (e.g. assets/layergen-mini/layer_matte) instead of a "
+                        "fresh network; the architecture flags are then ignored. Lets a new session continue the "
+                        "shipped matte when its checkpoints are gone (give it another --seed for new scenes).")
     return p.parse_args(argv)
 
 
@@ -156,8 +161,14 @@ def main(argv=None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    model = LayerMatteNet(sample_size=args.resolution, patch_size=args.patch_size,
-                          block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block)
+    if args.init_matte:
+        model = LayerMatteNet.from_pretrained(local_model(args.init_matte, "--init_matte"), torch_dtype=torch.float32)
+        if model.config.sample_size != args.resolution:
+            raise LayergenError(f"--init_matte was trained at {model.config.sample_size} px, not --resolution "
+                                f"{args.resolution}")
+    else:
+        model = LayerMatteNet(sample_size=args.resolution, patch_size=args.patch_size,
+                              block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block)
     model, optimizer, lr_sched, ema, global_step = prepare_training(
         accelerator, args, model, out, lr_scheduler=lambda opt, n: cosine_to_tenth(opt, args, n))
 

@@ -17,9 +17,33 @@ alpha only where the exact colour would leave [0, 1].
 """
 from __future__ import annotations
 
+import importlib
+import logging
+import sys
+import threading
+
 import numpy as np
 
 from ..errors import LayergenError
+
+logger = logging.getLogger(__name__)
+
+
+def import_announced(name: str, message: str, after: float = 3.0):
+    """`importlib.import_module(name)`, logging `message` if the import is still running after `after` seconds.
+
+    Why: importing pymatting compiles all its numba kernels the first time after an install (about 50 s on 2
+    cores; cached afterwards), and a first decomposition that sits silent that long looks hung.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    timer = threading.Timer(after, logger.warning, (message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return importlib.import_module(name)
+    finally:
+        timer.cancel()
 
 
 # --------------------------------------------------------------------------- matting
@@ -68,8 +92,10 @@ class ClosedFormMatting(AlphaMatting):
 
     def estimate(self, image, mask):
         import cv2
-        from pymatting import estimate_alpha_cf
 
+        estimate_alpha_cf = import_announced(
+            "pymatting", "compiling pymatting's numba kernels (once after an install, about a minute)...",
+        ).estimate_alpha_cf
         h, w = mask.shape
         hard = mask >= 0.5
         band = self.band or max(2, int(round(0.012 * max(h, w))))

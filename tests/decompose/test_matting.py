@@ -1,7 +1,10 @@
+import logging
+import time
+
 import numpy as np
 
 from layergen.decompose.matting import (ClosedFormMatting, HardCut, HardMatting, Unblend, dominant_colours,
-                                        minimal_alpha)
+                                        import_announced, minimal_alpha)
 
 
 def scene_with_shadow(h=64, w=64):
@@ -65,3 +68,16 @@ def test_dominant_colours_finds_the_two_flat_colours():
                          np.random.default_rng(0).random((20, 3))]).astype(np.float32)
     c = dominant_colours(px)
     assert len(c) == 2 and np.allclose(c[0], [0.9, 0.1, 0.1]) and np.allclose(c[1], [0.1, 0.2, 0.9])
+
+
+def test_a_slow_import_is_announced_and_a_fast_one_is_not(tmp_path, monkeypatch, caplog):
+    # pymatting's first import compiles its numba kernels for about a minute: say so instead of looking hung
+    (tmp_path / "slow_kernels.py").write_text("import time\ntime.sleep(0.5)\nVALUE = 1\n")
+    (tmp_path / "fast_kernels.py").write_text("VALUE = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="layergen.decompose.matting"):
+        assert import_announced("slow_kernels", "compiling...", after=0.1).VALUE == 1
+        assert import_announced("fast_kernels", "not this", after=0.4).VALUE == 2
+        assert import_announced("slow_kernels", "not again", after=0.0).VALUE == 1  # already imported
+        time.sleep(0.5)  # a timer that was not cancelled would fire by now
+    assert [r.getMessage() for r in caplog.records] == ["compiling..."]
