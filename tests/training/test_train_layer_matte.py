@@ -35,6 +35,10 @@ def test_train_layer_matte_saves_loads_and_resumes(tmp_path):
     assert any(not torch.equal(first[k], second[k]) for k in first)  # the two resumed steps trained
     pipe = load_decomposition_pipeline(out / "layer_matte")
     assert pipe.matte.config.sample_size == 32 and pipe.matte.config.block_out_channels == [16, 32]
+    # a new session continues a shipped matte without its checkpoints: its weights and architecture, not the flags'
+    run(tmp_path / "continued", 0, "--init_matte", str(out / "layer_matte"), "--block_out_channels", "8", "16")
+    third = load_file(tmp_path / "continued" / "layer_matte" / "diffusion_pytorch_model.safetensors")
+    assert third.keys() == second.keys() and all(torch.equal(second[k], third[k]) for k in second)
 
 
 def test_training_targets_match_the_composite():
