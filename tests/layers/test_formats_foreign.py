@@ -302,3 +302,83 @@ def test_dir_save_refuses_to_replace_a_foreign_folder(tmp_path):
     save(small_stack(), tmp_path / "stack_dir")
     save(LayerStack(2, 2, [Layer(rnd(2, 2, 3), "only")]), tmp_path / "stack_dir")  # our own: replaced whole
     assert sorted(p.name for p in (tmp_path / "stack_dir").iterdir()) == ["000-only.png", "stack.json"]
+
+
+# -- what flattening cannot keep is applied or noted, never silently wrong (QA pass, session 17) --------------
+def test_psd_adjustment_layer_is_skipped_with_a_note_and_fill_opacity_fades_the_layer(tmp_path):
+    from psd_tools import PSDImage
+    from psd_tools.constants import Tag
+    from psd_tools.psd.tagged_blocks import TaggedBlock
+
+    psd = PSDImage.new("RGBA", (4, 4), color=(0, 0, 0, 0))
+    psd.create_pixel_layer(Image.new("RGBA", (4, 4), (255, 255, 255, 255)), name="paper")
+    red = psd.create_pixel_layer(Image.new("RGBA", (4, 4), (255, 0, 0, 255)), name="red")
+    red.fill_opacity = 128
+    invert = psd.create_pixel_layer(Image.new("RGBA", (4, 4), (0, 0, 0, 0)), name="Invert 1")
+    invert._record.tagged_blocks[Tag.INVERT] = TaggedBlock(key=Tag.INVERT, data=b"")  # what Photoshop writes
+    psd.save(tmp_path / "adj.psd")
+    assert PSDImage.open(tmp_path / "adj.psd")[2].kind == "invert"  # psd-tools names the kind by the adjustment
+
+    stack = load(tmp_path / "adj.psd")
+    assert stack.names() == ["paper", "red"]
+    assert stack.metadata["notes"] == ["adjustment layer 'Invert 1' (invert) skipped"]
+    assert stack["red"].opacity == 128 / 255
+    assert stack.composite()[0, 0].tolist() == [255, 127, 127, 255]  # psd-tools' own composite, with fill opacity
+
+
+def test_faded_groups_and_group_blending_are_noted_in_psd_and_ora(tmp_path):
+    from psd_tools import PSDImage
+
+    psd = PSDImage.new("RGBA", (4, 4), color=(0, 0, 0, 0))
+    a = psd.create_pixel_layer(Image.new("RGBA", (4, 4), (255, 0, 0, 255)), name="a")
+    b = psd.create_pixel_layer(Image.new("RGBA", (4, 4), (0, 0, 255, 255)), name="b")
+    psd.create_group([a, b], name="two", opacity=128)
+    psd.save(tmp_path / "g.psd")
+    assert load(tmp_path / "g.psd").metadata["notes"] == [
+        "group 'two': its opacity is applied to each of its layers, so where they overlap the lower ones show through"]
+
+    xml = """<image w="4" h="4"><stack>
+  <stack name="mul" composite-op="svg:multiply"><layer name="" src="data/a.png"/></stack>
+  <stack name="faded" opacity="0.5"><layer name="x" src="data/a.png"/><layer name="y" src="data/a.png"/></stack>
+  <stack name="one" opacity="0.5"><layer name="z" src="data/a.png"/></stack>
+</stack></image>"""
+    _ora(tmp_path / "g.ora", xml, {"data/a.png": png(rnd(4, 4, 1))})
+    stack = load(tmp_path / "g.ora")
+    assert stack.metadata["notes"] == [
+        "group 'mul': composite-op svg:multiply ignored (group flattened)",
+        "group 'faded': its opacity is applied to each of its layers, so where they overlap the lower ones show through"]
+    assert stack.names() == ["z", "y", "x", ""]  # an empty name stays empty (not the PNG's path)
+
+
+def test_psd_merged_image_keeps_the_canvas_transparency_and_an_empty_stack_stays_empty(tmp_path):
+    from psd_tools import PSDImage
+
+    stack = LayerStack(6, 6, [Layer(rnd(2, 2, 4), "dot", x=2, y=2)])
+    save(stack, tmp_path / "t.psd")
+    merged = PSDImage.open(tmp_path / "t.psd").composite()  # what previews and thumbnails show
+    assert merged.mode == "RGBA" and merged.getpixel((0, 0))[3] == 0
+    assert np.abs(np.asarray(merged, int)[2:4, 2:4] - stack.composite()[2:4, 2:4]).max() <= 1  # psd-tools rounds
+    save(LayerStack(3, 3, []), tmp_path / "empty.psd")
+    assert len(load(tmp_path / "empty.psd")) == 0
+
+
+@pytest.mark.parametrize("suffix", [".ora", ".psd", ".zip"])
+def test_names_a_format_cannot_store_are_refused_before_writing(tmp_path, suffix):
+    with pytest.raises(FormatError, match="lone surrogate"):
+        save(LayerStack(2, 2, [Layer(rnd(2, 2, 0), "bad\ud800")]), tmp_path / f"s{suffix}")
+    control = LayerStack(2, 2, [Layer(rnd(2, 2, 0), "tab\tok"), Layer(rnd(2, 2, 1), "bell\x07")])
+    if suffix == ".ora":
+        with pytest.raises(FormatError, match="cannot store the control character U\\+0007"):
+            save(control, tmp_path / f"c{suffix}")
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert load(save(control, tmp_path / f"c{suffix}")).names() == ["tab\tok", "bell\x07"]
+
+
+def test_dir_save_never_deletes_files_it_did_not_write(tmp_path):
+    save(small_stack(), tmp_path / "stack_dir")
+    (tmp_path / "stack_dir" / "notes.txt").write_text("mine")
+    (tmp_path / "stack_dir" / "refs").mkdir()
+    with pytest.raises(FormatError, match="also holds notes.txt, refs/, which replacing it would delete"):
+        save(LayerStack(2, 2, [Layer(rnd(2, 2, 3), "only")]), tmp_path / "stack_dir")
+    assert (tmp_path / "stack_dir" / "notes.txt").read_text() == "mine" and load(tmp_path / "stack_dir") == small_stack()

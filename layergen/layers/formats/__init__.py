@@ -96,6 +96,11 @@ def save(stack: LayerStack, path, format: str | None = None) -> Path:
     fmt = _check_format(format) if format else detect_format(path)
     if fmt != "dir" and path.is_dir():
         raise FormatError(f"{path}: is a folder; cannot write a .{fmt} file there")
+    for layer in stack.layers if FORMATS[fmt].layered else ():
+        try:
+            layer.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError(f"layer name {layer.name!r} is not valid Unicode text (a lone surrogate)") from None
     try:
         return _save(stack, path, fmt)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):

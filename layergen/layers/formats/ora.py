@@ -7,12 +7,15 @@ layer PNGs under `data/`; `mergedimage.png` (full composite) and
 rides in a namespaced `layergen:metadata` attribute (JSON), which other
 readers ignore. Nested stacks (groups) from other tools are flattened into
 their layers: visibility and opacity are folded into each child, and the group
-path is kept in the layer's metadata as `ora_group`.
+path is kept in the layer's metadata as `ora_group`. What that cannot keep (a
+group's composite-op; a faded group's overlapping layers, where the lower ones
+now show through) is listed in `stack.metadata["notes"]`, as for PSD.
 """
 from __future__ import annotations
 
 import io
 import math
+import re
 import zipfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -40,6 +43,7 @@ COMPOSITE_OPS = {
 BLEND_MODES_BY_OP = {op: mode for mode, op in COMPOSITE_OPS.items()}
 THUMBNAIL_MAX = 256
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # characters XML 1.0 cannot hold at all
 
 
 def save(stack: LayerStack, path: Path) -> Path:
@@ -51,6 +55,10 @@ def save(stack: LayerStack, path: Path) -> Path:
     top = ET.SubElement(root, "stack")
     files = []
     for i, layer in reversed(list(enumerate(stack.layers))):  # ORA lists the top layer first
+        bad = _NOT_XML.search(layer.name)
+        if bad:
+            raise FormatError(f"layer {layer.name!r}: OpenRaster (XML) cannot store the control character "
+                              f"U+{ord(bad.group()):04X} in a name; rename the layer")
         src = f"data/layer{i:03d}.png"
         attrs = {
             "name": layer.name, "src": src, "x": str(layer.x), "y": str(layer.y),
@@ -141,27 +149,34 @@ def load(path: Path) -> LayerStack:
         top = root.find("stack")
         if top is None:
             raise FormatError(f"{where}: stack.xml has no <stack>")
-        layers = []  # collected top first
-        _walk(top, read, where, layers, x0=0, y0=0, opacity=1.0, visible=True, group=[])
+        layers, notes = [], []  # layers collected top first
+        _walk(top, read, where, layers, notes, x0=0, y0=0, opacity=1.0, visible=True, group=[])
         for layer in reversed(layers):
             stack.add(layer)
+        if notes:
+            stack.metadata["notes"] = list(stack.metadata.get("notes", [])) + notes
         return stack
 
 
-def _walk(stack_el, read, where, out, x0, y0, opacity, visible, group):
+def _walk(stack_el, read, where, out, notes, x0, y0, opacity, visible, group):
     for el in stack_el:
         name = el.get("name", "")
         ewhere = f"{where}: stack.xml <{el.tag} name={name!r}>"
         el_visible = visible and el.get("visibility", "visible") != "hidden"
-        el_opacity = opacity * min(1.0, max(0.0, _float(el.get("opacity"), ewhere, "opacity")))
+        own_opacity = min(1.0, max(0.0, _float(el.get("opacity"), ewhere, "opacity")))
         x = x0 + _int(el.get("x"), ewhere, "x")
         y = y0 + _int(el.get("y"), ewhere, "y")
+        op = el.get("composite-op", "svg:src-over")
         if el.tag == "stack":
-            _walk(el, read, where, out, x, y, el_opacity, el_visible, group + [name])
+            if op != "svg:src-over":
+                notes.append(f"group {name!r}: composite-op {op} ignored (group flattened)")
+            if own_opacity < 1 and len(el) > 1:
+                notes.append(f"group {name!r}: its opacity is applied to each of its layers, so where they overlap "
+                             "the lower ones show through")
+            _walk(el, read, where, out, notes, x, y, opacity * own_opacity, el_visible, group + [name])
             continue
         if el.tag != "layer":
             continue  # <text>, <filter>: not raster layers; other readers skip them too
-        op = el.get("composite-op", "svg:src-over")
         if op not in BLEND_MODES_BY_OP:
             raise FormatError(f"{ewhere}: unsupported composite-op {op!r}; "
                               f"supported: {', '.join(BLEND_MODES_BY_OP)}")
@@ -172,5 +187,5 @@ def _walk(stack_el, read, where, out, x0, y0, opacity, visible, group):
         metadata = loads_metadata(el.get(META), ewhere)
         if group:
             metadata.setdefault("ora_group", "/".join(group))
-        out.append(make_layer(where, pixels, name=name or src, x=x, y=y, opacity=el_opacity,
+        out.append(make_layer(where, pixels, name=el.get("name", src), x=x, y=y, opacity=opacity * own_opacity,
                               blend_mode=BLEND_MODES_BY_OP[op], visible=el_visible, metadata=metadata))

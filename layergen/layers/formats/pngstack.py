@@ -12,6 +12,7 @@ Manifest (`stack.json`), layers listed bottom -> top::
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ MANIFEST = "stack.json"
 FORMAT_ID = "layergen.png-stack"
 VERSION = 1
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed so that identical stacks give identical archives
+_LAYER_FILE = re.compile(r"[0-9]{3,}-[A-Za-z0-9_-]*\.png")  # what _entries names layer files
 
 
 def _entries(stack: LayerStack) -> list[tuple[str, bytes]]:
@@ -47,9 +49,17 @@ def save_dir(stack: LayerStack, path: Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FormatError(f"{path}: exists and is not a folder; cannot write a PNG stack folder there")
-    if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).is_file():
-        # atomic_dir replaces the whole folder: never do that to a folder that is not ours.
-        raise FormatError(f"{path}: folder is not empty and is not a PNG stack (no {MANIFEST}); refusing to replace it")
+    if path.is_dir() and any(path.iterdir()):
+        # atomic_dir replaces the whole folder: only ever do that to a stack folder holding nothing but its stack.
+        if not (path / MANIFEST).is_file():
+            raise FormatError(f"{path}: folder is not empty and is not a PNG stack (no {MANIFEST}); refusing to "
+                              "replace it")
+        foreign = sorted(p.name + "/" * p.is_dir() for p in path.iterdir()
+                         if p.name != MANIFEST and not (p.is_file() and _LAYER_FILE.fullmatch(p.name)))
+        if foreign:
+            raise FormatError(f"{path}: the stack folder also holds {', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}, which replacing it would delete; "
+                              "write to another folder or move them")
     with atomic_dir(path) as tmp:
         for name, data in _entries(stack):
             (tmp / name).write_bytes(data)
@@ -133,8 +143,10 @@ def _parse(manifest_bytes: bytes, read, where: str, root: str) -> LayerStack:
     if manifest.get("format", FORMAT_ID) != FORMAT_ID:
         raise FormatError(f"{where}: unknown manifest format {manifest.get('format')!r}")
     version = manifest.get("version", VERSION)
-    if not isinstance(version, int) or version > VERSION:
-        raise FormatError(f"{where}: manifest version {version!r} is newer than this layergen supports ({VERSION})")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise FormatError(f"{where}: manifest version must be a whole number, got {version!r}")
+    if version > VERSION:
+        raise FormatError(f"{where}: manifest version {version} is newer than this layergen supports ({VERSION})")
     width = _field(manifest, "width", int, where)
     height = _field(manifest, "height", int, where)
     stack = make_stack(where, width, height, _field(manifest, "metadata", dict, where, {}))

@@ -9,10 +9,14 @@ Limits worth knowing:
   XMP packet, which Photoshop preserves and other readers ignore.
 * Loading: 8-bit RGB and grayscale documents. Groups are flattened into their
   layers (the group's visibility and opacity are folded into each child and
-  the group path is kept as `psd_group` metadata); user masks are applied to
-  alpha; adjustment layers are skipped and clipping is not reproduced; each
+  the group path is kept as `psd_group` metadata; where the layers of a faded
+  group overlap, the lower ones therefore show through); user masks
+  are applied to alpha; fill opacity is multiplied into opacity; adjustment
+  layers are skipped, and clipping and layer effects are not reproduced. Each
   such simplification is listed in `stack.metadata["notes"]`. A blend mode
   layergen cannot composite (e.g. color burn) is an error, not a silent change.
+* The merged image carries the canvas's transparency (a negative layer count,
+  as Photoshop writes it), so previews of a transparent document stay transparent.
 """
 from __future__ import annotations
 
@@ -79,6 +83,9 @@ def save(stack: LayerStack, path: Path) -> Path:
         pl.opacity = int(np.floor(layer.opacity * 255 + 0.5))  # 8-bit, half up like compositing
         pl.blend_mode = to_psd[layer.blend_mode]
         pl.visible = layer.visible
+    layer_info = psd._record.layer_and_mask_information.layer_info
+    if layer_info is not None:  # (none without layers) the merged image's 4th channel is its transparency
+        layer_info.layer_count = -abs(layer_info.layer_count)
     psd.image_resources[Resource.XMP_METADATA] = ImageResource(key=Resource.XMP_METADATA, data=_xmp(stack))
     with atomic_path(path) as tmp:
         psd.save(tmp)
@@ -143,7 +150,7 @@ def load(path: Path) -> LayerStack:
                 layer.metadata = {**entry["metadata"], **layer.metadata}
     if notes:
         stack.metadata["notes"] = list(stack.metadata.get("notes", [])) + notes
-    if len(psd) == 0:  # a flat PSD: its merged image is the only layer
+    if len(psd) == 0 and not (xmp and xmp.get("layers") == []):  # a flat PSD: its merged image is the only layer
         pil = merged
         if pil is None:
             raise FormatError(f"{where}: PSD has neither layers nor a merged image")
@@ -153,6 +160,7 @@ def load(path: Path) -> LayerStack:
 
 
 def _walk(group_el, stack, where, notes, visible, opacity, group):
+    from psd_tools.api.layers import AdjustmentLayer
     from psd_tools.constants import BlendMode
 
     _, from_psd = _blend_maps()
@@ -163,11 +171,17 @@ def _walk(group_el, stack, where, notes, visible, opacity, group):
         if pl.is_group():
             if pl.blend_mode not in (BlendMode.PASS_THROUGH, BlendMode.NORMAL):
                 notes.append(f"group {name!r}: blend mode {pl.blend_mode.name.lower()} ignored (group flattened)")
+            if pl.opacity < 255 and len(pl) > 1:
+                notes.append(f"group {name!r}: its opacity is applied to each of its layers, so where they "
+                             "overlap the lower ones show through")
             _walk(pl, stack, where, notes, pl_visible, pl_opacity, group + [name])
             continue
-        if pl.kind == "adjustment":
-            notes.append(f"adjustment layer {name!r} skipped")
+        if isinstance(pl, AdjustmentLayer):
+            notes.append(f"adjustment layer {name!r} ({pl.kind}) skipped")
             continue
+        pl_opacity *= pl.fill_opacity / 255.0  # without effects, fill opacity fades the pixels like opacity
+        if pl.has_effects():
+            notes.append(f"layer {name!r}: layer effects not reproduced")
         if pl.blend_mode not in from_psd:
             raise FormatError(f"{where}: layer {name!r} uses blend mode {pl.blend_mode.name.lower()!r}, which "
                               f"layergen cannot composite; supported: {', '.join(sorted(from_psd.values()))}")
