@@ -34,8 +34,8 @@ from layergen.data.scenes import HELDOUT_SEED_START, make_scene
 from layergen.decompose.matte_net import LayerMatteNet
 from layergen.errors import LayergenError
 from layergen.training_utils import (add_training_args, averaged_copy, due, finish_step, local_model,
-                                     optimizer_step, prepare_training, rgba_preview, run_script, save_image_grid, start_accelerator,
-                                     step_schedule)
+                                     optimizer_step, prepare_training, rgba_preview, run_script, save_image_grid,
+                                     start_accelerator, step_schedule)
 
 logger = logging.getLogger(__name__)
 VALIDATION_SEED_START = HELDOUT_SEED_START + 500_000  # held out, and apart from the benchmark's seeds

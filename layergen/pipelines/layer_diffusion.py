@@ -16,18 +16,22 @@ SDXL-class UNets (`addition_embed_type == "text_time"`) get pooled text embeddin
 from __future__ import annotations
 
 import inspect
+import numbers
 from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import LayergenError
 from ..layers import Layer
-from ..models.transparent_codec import decode_rgba, encode_rgba, vae_scale_factor
+from ..models.transparent_codec import (TransparentDecoder, TransparentEncoder, decode_rgba, encode_rgba,
+                                        vae_scale_factor)
 from ..seeds import check_seed
 from .pipeline_output import LayerPipelineOutput
 
@@ -72,10 +76,14 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae->transparent_decoder"
     _optional_components = ["transparent_encoder", "text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
+    output_types = ("pil", "np", "latent", "stack")
     task_id = TASK_FOREGROUND
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, transparent_decoder,
-                 transparent_encoder=None, text_encoder_2=None, tokenizer_2=None):
+    # The annotations let diffusers' `from_pipe` hand the components from one task pipeline to another.
+    def __init__(self, vae: AutoencoderKL, text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 unet: UNet2DConditionModel, scheduler: SchedulerMixin, transparent_decoder: TransparentDecoder,
+                 transparent_encoder: TransparentEncoder | None = None, text_encoder_2: PreTrainedModel | None = None,
+                 tokenizer_2: PreTrainedTokenizerBase | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler, transparent_decoder=transparent_decoder,
@@ -212,7 +220,9 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
 
     # -- checks ----------------------------------------------------------------------------------
     def check_inputs(self, prompt, height, width, num_inference_steps, guidance_scale,
-                     callback_on_step_end_tensor_inputs=None):
+                     callback_on_step_end_tensor_inputs=None, num_images_per_prompt=1, generator=None,
+                     output_type="pil") -> tuple[int, int]:
+        """Every argument checked before anything runs; returns (height, width) as ints."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise LayergenError("prompt must be a non-empty string or a list of strings")
@@ -220,15 +230,30 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
             raise LayergenError("prompt is empty; describe the layer, e.g. 'a red glass star with a soft shadow'")
         f = self.vae_scale_factor
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v < f or v > 4096:
+            if not _is_int(v) or v < f or v > 4096:
                 raise LayergenError(f"{name} must be an integer in [{f}, 4096], got {v!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise LayergenError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if not np.isfinite(guidance_scale):
-            raise LayergenError(f"guidance_scale must be finite, got {guidance_scale}")
+        most = int(self.scheduler.config.num_train_timesteps)
+        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= most:
+            raise LayergenError(f"num_inference_steps must be an integer in [1, {most}] (the scheduler's training "
+                                f"timesteps), got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, numbers.Real) or not np.isfinite(guidance_scale):
+            raise LayergenError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise LayergenError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if isinstance(generator, list):
+            if len(generator) != len(prompts) * num_images_per_prompt:
+                raise LayergenError(f"got {len(generator)} generators for {len(prompts) * num_images_per_prompt} "
+                                    "images (prompts x num_images_per_prompt); pass one per image, or one")
+        if not all(isinstance(g, torch.Generator) for g in (generator if isinstance(generator, list) else
+                                                             [generator] if generator is not None else [])):
+            raise LayergenError("generator must be a torch.Generator or a list of them; for an integer use seed=")
+        if output_type not in self.output_types:
+            raise LayergenError(f"output_type must be one of {', '.join(map(repr, self.output_types))}, "
+                                f"got {output_type!r}")
         bad = [k for k in (callback_on_step_end_tensor_inputs or []) if k not in self._callback_tensor_inputs]
         if bad:
             raise LayergenError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")
+        return int(height), int(width)
 
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
@@ -294,12 +319,7 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
         added = self._added_cond_kwargs(pooled, gen_h, gen_w, batch)
         neg_added = self._added_cond_kwargs(neg_pooled, gen_h, gen_w, batch) if neg_pooled is not None else None
 
-        step_kwargs = {}
-        if "eta" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["eta"] = eta
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["generator"] = generator
-
+        step_kwargs = self.step_kwargs(eta, generator)
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -327,7 +347,21 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
                     latents = out.pop("latents", latents)
                     embeds = out.pop("prompt_embeds", embeds)
                 progress_bar.update()
-        return latents, prompts
+        return self.check_finite(latents), prompts
+
+    def check_finite(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoised latents, refused if they hold NaN or Inf (e.g. from a huge guidance_scale): decoded, they
+        would silently become an empty layer."""
+        if not torch.isfinite(latents).all():
+            raise LayergenError(f"denoising diverged (NaN or Inf latents) at guidance_scale {self._guidance_scale:g}; "
+                                "use a smaller guidance_scale")
+        return latents
+
+    def step_kwargs(self, eta: float, generator) -> dict:
+        """The optional arguments this scheduler's `step` takes (DDIM's eta; the generator of random samplers
+        such as Euler ancestral, so they stay reproducible)."""
+        params = inspect.signature(self.scheduler.step).parameters
+        return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
 
     # -- decoding -----------------------------------------------------------------------------
     def decode_transparent(self, latents, height, width, tta: bool = True) -> np.ndarray:
@@ -357,7 +391,14 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
             generator = generator[index] if index < len(generator) else None
         return int(generator.initial_seed()) if isinstance(generator, torch.Generator) else None
 
+    def _latent_output(self, latents, return_dict):
+        """`output_type="latent"`: the denoised latents, before any decoding."""
+        self.maybe_free_model_hooks()
+        return LayerPipelineOutput(images=latents, stacks=[]) if return_dict else (latents, [])
+
     def _output(self, stacks, output_type, return_dict):
+        """`images`: PIL RGBA composites ("pil"), a uint8 N x H x W x 4 array ("np": layers are 8-bit, so the
+        exact values, not floats), or the stacks themselves ("stack")."""
         if output_type == "stack":
             images = stacks
         else:
@@ -368,6 +409,11 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
         if not return_dict:
             return (images, stacks)
         return LayerPipelineOutput(images=images, stacks=stacks)
+
+
+def _is_int(value) -> bool:
+    """An integer, numpy's included, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def make_generator_list(generator, seed, batch):

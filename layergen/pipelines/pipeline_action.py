@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from PIL import Image
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import LayergenError
 from ..models.action_identifier import (TOKEN_PATTERN, ActionIdentifier, identifier_masks,
@@ -50,8 +53,11 @@ class ActionPipeline(LayerDiffusionPipelineBase):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = ["text_encoder_2", "tokenizer_2"]
+    output_types = ("pil", "np", "latent")
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, text_encoder_2=None, tokenizer_2=None):
+    def __init__(self, vae: AutoencoderKL, text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 unet: UNet2DConditionModel, scheduler: SchedulerMixin, text_encoder_2: PreTrainedModel | None = None,
+                 tokenizer_2: PreTrainedTokenizerBase | None = None):
         super(LayerDiffusionPipelineBase, self).__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
@@ -219,12 +225,10 @@ class ActionPipeline(LayerDiffusionPipelineBase):
         """
         if not 0.0 <= float(identifier_steps) <= 1.0:
             raise LayergenError(f"identifier_steps must be in [0, 1], got {identifier_steps}")
-        height = height or self.default_size()
-        width = width or self.default_size()
-        self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
-                          callback_on_step_end_tensor_inputs)
-        if output_type not in ("pil", "np", "latent"):
-            raise LayergenError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        height, width = self.check_inputs(
+            prompt, self.default_size() if height is None else height, self.default_size() if width is None else width,
+            num_inference_steps, guidance_scale, callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
+            output_type)
         n = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         generator = make_generator_list(generator, seed, n)
         self._guidance_scale = float(guidance_scale)  # masks depend on whether CFG runs

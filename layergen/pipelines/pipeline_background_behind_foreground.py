@@ -26,10 +26,11 @@ class BackgroundBehindForegroundPipeline(LayerDiffusionPipelineBase):
         """`foreground`: RGBA PIL image / uint8 array / Layer (alpha is what matters), resized to the canvas."""
         fg_layer = foreground if isinstance(foreground, Layer) else None
         size = image_size(foreground)
-        width = width or (size[0] if size else self.default_size())
-        height = height or (size[1] if size else self.default_size())
-        self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
-                          callback_on_step_end_tensor_inputs)
+        width = (size[0] if size else self.default_size()) if width is None else width
+        height = (size[1] if size else self.default_size()) if height is None else height
+        height, width = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
+                                          callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
+                                          output_type)
         fg = to_rgba_tensor(foreground, height, width)
         f = self.vae_scale_factor
         gh, gw = -(-height // f) * f, -(-width // f) * f
@@ -39,6 +40,8 @@ class BackgroundBehindForegroundPipeline(LayerDiffusionPipelineBase):
         latents, prompts = self.denoise(prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
                                         num_images_per_prompt, generator, latents, cond, callback_on_step_end,
                                         callback_on_step_end_tensor_inputs)
+        if output_type == "latent":
+            return self._latent_output(latents, return_dict)
         bgs = self.decode_opaque(latents, height, width)
         fg_u8 = (fg[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")
         stacks = []

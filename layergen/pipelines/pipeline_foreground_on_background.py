@@ -25,10 +25,11 @@ class ForegroundOnBackgroundPipeline(LayerDiffusionPipelineBase):
                  callback_on_step_end_tensor_inputs=("latents",)):
         """`background`: PIL image / uint8 array / Layer, resized to the canvas (default: its own size)."""
         bg_size = image_size(background)
-        width = width or (bg_size[0] if bg_size else self.default_size())
-        height = height or (bg_size[1] if bg_size else self.default_size())
-        self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
-                          callback_on_step_end_tensor_inputs)
+        width = (bg_size[0] if bg_size else self.default_size()) if width is None else width
+        height = (bg_size[1] if bg_size else self.default_size()) if height is None else height
+        height, width = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
+                                          callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
+                                          output_type)
         bg = to_rgba_tensor(background, height, width)
         f = self.vae_scale_factor
         gh, gw = -(-height // f) * f, -(-width // f) * f
@@ -39,6 +40,8 @@ class ForegroundOnBackgroundPipeline(LayerDiffusionPipelineBase):
         latents, prompts = self.denoise(prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
                                         num_images_per_prompt, generator, latents, cond, callback_on_step_end,
                                         callback_on_step_end_tensor_inputs)
+        if output_type == "latent":
+            return self._latent_output(latents, return_dict)
         rgba = self.decode_transparent(latents, height, width, tta=tta)
         bg_u8 = (bg[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")
         bg_u8[..., 3] = 255

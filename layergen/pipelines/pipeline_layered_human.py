@@ -20,6 +20,7 @@ colours). `generate_human(...)` is the one-call entry point for the CLI and the 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,11 @@ class LayeredHumanPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, decoder=decoder, scheduler=scheduler)
 
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the last sampling loop (what diffusers callbacks read)."""
+        return self._num_timesteps
+
     # ------------------------------------------------------------------ shapes
     @property
     def plane_shape(self) -> tuple:
@@ -106,10 +112,13 @@ class LayeredHumanPipeline(DiffusionPipeline):
                    else self._stack(cond)[None].to(device, dtype) * self.unet.config.cond_scale)
         labels = torch.tensor([label], device=device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters  # not UniPC, PNDM, LMS
+        step_kwargs = {"generator": generator} if takes_generator else {}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = self.scheduler.scale_model_input(latents, t)
             pred = self.unet(model_in, t, labels, cond_in).sample
-            latents = self.scheduler.step(pred, t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
                 available = {"latents": latents}
                 kw = {k: available[k] for k in callback_on_step_end_tensor_inputs}
@@ -133,6 +142,10 @@ class LayeredHumanPipeline(DiffusionPipeline):
         by construction and floaters off the body are dropped. False = raw tri-plane layers.
         """
         names = parse_layers(layers)
+        most = int(self.scheduler.config.num_train_timesteps)
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or not 1 <= num_inference_steps <= most:
+            raise LayergenError(f"num_inference_steps must be an integer in [1, {most}], got {num_inference_steps!r}")
         for k in callback_on_step_end_tensor_inputs:
             if k not in self._callback_tensor_inputs:
                 raise LayergenError(f"callback tensor {k!r} not available; choose from {self._callback_tensor_inputs}")
@@ -223,6 +236,8 @@ class LayeredHumanPipeline(DiffusionPipeline):
             planes = planes[0]
         if tuple(planes.shape) != tuple(self.plane_shape):
             raise LayergenError(f"body tri-plane has shape {tuple(planes.shape)}, this model expects {self.plane_shape}")
+        if not torch.isfinite(planes).all():
+            raise LayergenError("body tri-plane contains NaN or Inf")
         return planes.cpu()
 
     # ------------------------------------------------------------------ consistency
@@ -410,8 +425,12 @@ class LayeredHumanPipeline(DiffusionPipeline):
     def _resolve(self, x, layer):
         """(triplanes, supports or None, k) for a LayeredHumanOutput + layer, or a bare tri-plane."""
         if isinstance(x, LayeredHumanOutput):
-            k = x.layers.index(layer) if isinstance(layer, str) else (len(x.layers) - 1 if layer is None else
-                                                                          int(layer) % len(x.layers))
+            n = len(x.layers)
+            if isinstance(layer, str) and layer not in x.layers:
+                raise LayergenError(f"layer {layer!r} is not in this human (layers: {', '.join(x.layers)})")
+            if not isinstance(layer, str) and layer is not None and not -n <= int(layer) < n:
+                raise LayergenError(f"layer {layer} is out of range for a human of {n} layers ({', '.join(x.layers)})")
+            k = x.layers.index(layer) if isinstance(layer, str) else n - 1 if layer is None else int(layer) % n
             return x.triplanes, x.supports, k
         return None, None, None
 
@@ -512,6 +531,10 @@ class LayeredHumanPipeline(DiffusionPipeline):
         """
         from ..models.volume_renderer import grid_density_fn
 
+        if cameras is None and (isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1):
+            raise LayergenError(f"num_views must be a positive integer, got {num_views!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 2048:
+            raise LayergenError(f"size must be an integer in [8, 2048] pixels, got {size!r}")
         c2w = cameras if cameras is not None else orbit_cameras(num_views, elevation_deg=elevation,
                                                                 azimuth_offset_deg=azimuth_offset)
         cfg = self.decoder.config

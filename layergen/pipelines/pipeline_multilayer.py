@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import re
+import numbers
 import secrets
 from dataclasses import asdict, dataclass, fields
 
@@ -294,11 +295,12 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
     """
 
     task_id = TASK_FOREGROUND_ON_BACKGROUND
+    output_types = ("pil", "np", "stack")
 
     # -- helpers ---------------------------------------------------------------------------------
     def _layout(self, prompt, layout, height, width, background_prompt) -> Layout:
         if isinstance(layout, Layout):
-            if (height and height != layout.height) or (width and width != layout.width):
+            if (height is not None and height != layout.height) or (width is not None and width != layout.width):
                 raise LayergenError(f"height/width {height}x{width} disagree with the layout's canvas "
                                     f"{layout.height}x{layout.width}")
             prompt = prompt if prompt is not None else layout.prompt
@@ -308,7 +310,8 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         if layout is None:
             raise LayergenError("a layout is needed: a list of boxes (x, y, w, h[, prompt]) or a Layout")
         size = self.default_size()
-        return Layout.from_boxes(layout, width or size, height or size, prompt, background_prompt).check_prompts()
+        return Layout.from_boxes(layout, size if width is None else width, size if height is None else height, prompt,
+                                 background_prompt).check_prompts()
 
     def _region(self, index: int, box: Box, prompt: str, seed: int, width: int, height: int,
                 settings: RegionSettings) -> _Region:
@@ -361,6 +364,8 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         if cond is None and self._takes_condition():
             cond = torch.zeros((b,) + shape, device=device, dtype=dtype)
         labels = self._class_labels(task, b)
+        step_kwargs = self.step_kwargs(0.0, generators)
+        self._num_timesteps = len(timesteps)
         h, w = shape[-2] * self.vae_scale_factor, shape[-1] * self.vae_scale_factor
         added = self._added_cond_kwargs(pooled, h, w, b)
         neg_added = self._added_cond_kwargs(neg_pooled, h, w, b) if neg_pooled is not None else None
@@ -381,7 +386,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
             else:
                 noise = self.unet(x, t, encoder_hidden_states=pos, class_labels=labels,
                                   added_cond_kwargs=added).sample
-            latents = self.scheduler.step(noise, t, latents).prev_sample
+            latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
             if mask is not None:
                 target = known
                 if i < len(timesteps) - 1:
@@ -393,7 +398,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                 latents = out.pop("latents", latents)
             if progress_bar is not None:
                 progress_bar.update()
-        return latents
+        return self.check_finite(latents)
 
     def _waves(self, boxes: list[Box], joint: bool) -> list[int]:
         """Wave number per box: after every lower box it overlaps (it must see those), else as early as possible."""
@@ -455,7 +460,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         return Layer(pixels, name=name, x=region.box.x, y=region.box.y, metadata=meta)
 
     def _background(self, prompt, seed, width, height, steps, negative_prompt, condition_rgba=None,
-                    progress_bar=None) -> np.ndarray:
+                    progress_bar=None, callback_on_step_end=None, callback_tensor_inputs=()) -> np.ndarray:
         f = self.vae_scale_factor
         gw, gh = _round_up(width, f), _round_up(height, f)
         cond = None
@@ -465,23 +470,35 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         take = self._embed([prompt], negative_prompt)
         lat = self._sample(TASK_BACKGROUND_BEHIND_FOREGROUND, take([prompt]), cond,
                            [torch.Generator().manual_seed(seed)], (self.latent_channels, gh // f, gw // f), steps,
-                           progress_bar=progress_bar)
+                           progress_bar=progress_bar, callback_on_step_end=callback_on_step_end,
+                           callback_tensor_inputs=callback_tensor_inputs)
         return self.decode_opaque(lat, height, width)[0]
 
-    def _check(self, steps, guidance_scale, max_batch):
-        if not isinstance(steps, int) or steps < 1:
-            raise LayergenError(f"num_inference_steps must be a positive integer, got {steps!r}")
-        if not np.isfinite(guidance_scale):
-            raise LayergenError(f"guidance_scale must be finite, got {guidance_scale}")
+    def _check(self, steps, guidance_scale, max_batch, output_type):
+        most = int(self.scheduler.config.num_train_timesteps)
+        if not isinstance(steps, int) or not 1 <= steps <= most:
+            raise LayergenError(f"num_inference_steps must be an integer in [1, {most}], got {steps!r}")
+        if not isinstance(guidance_scale, numbers.Real) or not np.isfinite(guidance_scale):
+            raise LayergenError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise LayergenError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if output_type not in self.output_types:
+            raise LayergenError(f"output_type must be one of {', '.join(map(repr, self.output_types))}, "
+                                f"got {output_type!r}")
 
     @staticmethod
     def _resolve_seed(seed, generator) -> int:
+        """The layout's base seed: `seed`, else one generator's (a layout is one image; the background and
+        every box derive their seeds from it), else a fresh one."""
         if seed is not None:
             return seed  # checked by the caller, with the span of box seeds it derives
+        if isinstance(generator, list) and len(generator) == 1:
+            generator = generator[0]
         if isinstance(generator, torch.Generator):
             return int(generator.initial_seed()) % 2**62  # a generator seeded at random may hold any 64-bit seed
+        if generator is not None:
+            raise LayergenError("generator must be one torch.Generator (a layout is one image; its layers derive "
+                                f"their seeds from it), got {type(generator).__name__}; or pass seed=")
         return secrets.randbits(31)
 
     # -- generation ------------------------------------------------------------------------------
@@ -506,9 +523,10 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         latents smaller than it was trained on), 0 = never. `box_fit` / `margin`: "scale" (fit the
         drawn object to its box) or "crop" (hard: cut to the box); see `RegionSettings`.
         `joint`: batch layers with disjoint boxes (False: strictly one after another).
-        `output_type`: "pil", "np" or "stack"."""
+        `output_type`: "pil", "np" (uint8) or "stack". `generator`: one torch.Generator (or a list holding
+        one); the background and the boxes derive their seeds from it."""
         layout = self._layout(prompt, layout, height, width, background_prompt)
-        self._check(num_inference_steps, guidance_scale, max_batch)
+        self._check(num_inference_steps, guidance_scale, max_batch, output_type)
         if min_region_size is None:
             min_region_size = self.default_size()
         settings = RegionSettings(attention, fill, min_region_size or None, box_fit, margin).check()
@@ -534,7 +552,8 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         with self.progress_bar(total=num_inference_steps * (n_loops + (background is None))) as bar:
             if background is None:
                 bg_px = self._background(bg_prompt, base_seed, W, H, num_inference_steps, negative_prompt,
-                                         progress_bar=bar)
+                                         progress_bar=bar, callback_on_step_end=callback_on_step_end,
+                                         callback_tensor_inputs=callback_on_step_end_tensor_inputs or ())
                 bg_meta = self._provenance(bg_prompt, base_seed, num_inference_steps, guidance_scale, "background")
             else:
                 t = to_rgba_tensor(background, H, W)[0].permute(1, 2, 0).numpy()
@@ -582,7 +601,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         meta = dict(old.metadata)
         steps = num_inference_steps or int(meta.get("steps") or 20)
         gs = float(guidance_scale if guidance_scale is not None else meta.get("guidance_scale", 5.0))
-        self._check(steps, gs, 1)
+        self._check(steps, gs, 1, output_type)
         self._guidance_scale = gs
         self._interrupt = False
         if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):

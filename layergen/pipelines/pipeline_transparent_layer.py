@@ -30,18 +30,17 @@ class TransparentLayerPipeline(LayerDiffusionPipelineBase):
                  callback_on_step_end_tensor_inputs=("latents",)):
         """`seed` is a convenience for `generator` (image k of a batch uses seed + k).
         `output_type`: "pil" (RGBA images), "np", "latent" or "stack"."""
-        height = height or self.default_size()
-        width = width or self.default_size()
-        self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
-                          callback_on_step_end_tensor_inputs)
+        height, width = self.check_inputs(
+            prompt, self.default_size() if height is None else height, self.default_size() if width is None else width,
+            num_inference_steps, guidance_scale, callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
+            output_type)
         n = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         generator = make_generator_list(generator, seed, n)
         latents, prompts = self.denoise(prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
                                         num_images_per_prompt, generator, latents, None, callback_on_step_end,
                                         callback_on_step_end_tensor_inputs)
         if output_type == "latent":
-            self.maybe_free_model_hooks()
-            return latents if not return_dict else type(self)._latent_output(latents)
+            return self._latent_output(latents, return_dict)
         rgba = self.decode_transparent(latents, height, width, tta=tta)
         stacks = []
         for k in range(n):
@@ -49,9 +48,3 @@ class TransparentLayerPipeline(LayerDiffusionPipelineBase):
             meta = self._provenance(p, self._seed_of(generator, k), num_inference_steps, guidance_scale, "instance")
             stacks.append(LayerStack(width, height, [Layer(rgba[k], name=p[:60], metadata=meta)]))
         return self._output(stacks, output_type, return_dict)
-
-    @staticmethod
-    def _latent_output(latents):
-        from .pipeline_output import LayerPipelineOutput
-
-        return LayerPipelineOutput(images=latents, stacks=[])

@@ -346,7 +346,8 @@ def test_faded_groups_and_group_blending_are_noted_in_psd_and_ora(tmp_path):
     stack = load(tmp_path / "g.ora")
     assert stack.metadata["notes"] == [
         "group 'mul': composite-op svg:multiply ignored (group flattened)",
-        "group 'faded': its opacity is applied to each of its layers, so where they overlap the lower ones show through"]
+        "group 'faded': its opacity is applied to each of its layers, so where they overlap the lower ones show "
+        "through"]
     assert stack.names() == ["z", "y", "x", ""]  # an empty name stays empty (not the PNG's path)
 
 
@@ -381,4 +382,5 @@ def test_dir_save_never_deletes_files_it_did_not_write(tmp_path):
     (tmp_path / "stack_dir" / "refs").mkdir()
     with pytest.raises(FormatError, match="also holds notes.txt, refs/, which replacing it would delete"):
         save(LayerStack(2, 2, [Layer(rnd(2, 2, 3), "only")]), tmp_path / "stack_dir")
-    assert (tmp_path / "stack_dir" / "notes.txt").read_text() == "mine" and load(tmp_path / "stack_dir") == small_stack()
+    assert (tmp_path / "stack_dir" / "notes.txt").read_text() == "mine"
+    assert load(tmp_path / "stack_dir") == small_stack()

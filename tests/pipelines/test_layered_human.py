@@ -307,3 +307,26 @@ def test_missing_bundled_model_says_what_to_pass(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "pass --model PATH" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_any_scheduler_and_bad_arguments(pipe):
+    from diffusers import UniPCMultistepScheduler
+
+    orig = pipe.scheduler
+    pipe.scheduler = UniPCMultistepScheduler.from_config(orig.config)  # its step() takes no generator
+    try:
+        out = pipe(layers=("body",), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    finally:
+        pipe.scheduler = orig
+    assert torch.isfinite(out.triplanes).all() and pipe.num_timesteps == 2
+    for steps in (0, -1, 2.5, 1000):
+        with pytest.raises(LayergenError, match="num_inference_steps must be an integer in"):
+            pipe(layers=("body",), num_inference_steps=steps)
+    with pytest.raises(LayergenError, match="NaN"):
+        pipe(layers=("body",), body_triplane=torch.full(pipe.plane_shape, float("nan")))
+    with pytest.raises(LayergenError, match="layer 5 is out of range for a human of 1 layers"):
+        pipe.render_views(out, layer=5)
+    with pytest.raises(LayergenError, match="num_views must be a positive integer"):
+        pipe.render_views(out, num_views=0)
+    with pytest.raises(LayergenError, match="size must be an integer"):
+        pipe.render_views(out, size=0)

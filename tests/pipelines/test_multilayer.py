@@ -282,8 +282,9 @@ def test_plain_unet_without_condition_or_tasks_still_generates():
 def test_callback_sees_every_loop(pipe):
     calls = []
     run(pipe, num_inference_steps=2, callback_on_step_end=lambda p, i, t, kw: calls.append(kw["latents"].shape) or {})
-    assert len(calls) == 2 * 2, "two layer loops (the 32-px pair and the 40-px crop) x 2 steps"
-    assert sorted(c[0] for c in calls) == [1, 1, 2, 2]
+    assert len(calls) == 3 * 2, "the background loop and two layer loops (the 32-px pair, the 40-px crop) x 2 steps"
+    assert sorted(c[0] for c in calls) == [1, 1, 1, 1, 2, 2]
+    assert pipe.num_timesteps == 2  # diffusers callbacks (e.g. CFG cutoff) read it
 
 
 # -- box binding -------------------------------------------------------------------------------
@@ -321,3 +322,27 @@ def test_region_settings_go_into_metadata_and_repaint_reuses_them(pipe):
     assert (new[1].metadata["box_fit"], new[1].metadata["min_region_size"]) == ("crop", 40)
     with pytest.raises(LayergenError, match="box_fit"):
         run(pipe, box_fit="stretch")
+
+
+def test_one_generator_reproduces_a_layout_with_any_scheduler(pipe):
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    gen = torch.Generator().manual_seed
+    orig = pipe.scheduler
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(orig.config)  # draws noise in every step
+    try:
+        torch.manual_seed(1)
+        a = run(pipe, seed=None, generator=[gen(5)], num_inference_steps=2).stacks[0]
+        torch.manual_seed(2)  # the global RNG must not matter
+        b = run(pipe, seed=None, generator=gen(5), num_inference_steps=2).stacks[0]
+    finally:
+        pipe.scheduler = orig
+    assert a.metadata["seed"] == b.metadata["seed"] == 5
+    assert all(np.array_equal(x.pixels, y.pixels) for x, y in zip(a.layers, b.layers))
+    with pytest.raises(LayergenError, match="generator must be one torch.Generator"):
+        run(pipe, seed=None, generator=[gen(0), gen(1)])
+    with pytest.raises(LayergenError, match="output_type must be one of 'pil', 'np', 'stack'"):
+        run(pipe, output_type="latent")
+    with pytest.raises(LayergenError, match="canvas must be between 8x8 and 4096x4096, got 64x0"):
+        run(pipe, height=0)  # 0 is not "the default size"

@@ -147,3 +147,39 @@ def test_sdxl_class_components_run():
     assert out.images[0].size == (32, 32)
     neg = p(PROMPT, height=32, width=32, num_inference_steps=2, seed=0, tta=False, guidance_scale=1.0)
     assert not np.array_equal(np.asarray(out.images[0]), np.asarray(neg.images[0])), "CFG must change the result"
+
+
+# -- what a diffusers user expects of the call (QA pass, session 17) -------------------------------------------
+def test_arguments_diffusers_users_pass_are_checked_before_anything_runs(pipe):
+    g = torch.Generator().manual_seed
+    cases = [
+        (dict(height=0), "height must be an integer"),  # 0 is not "the default"
+        (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
+        (dict(num_images_per_prompt=2.0), "num_images_per_prompt must be a positive integer"),
+        (dict(generator=[g(0), g(1)], num_images_per_prompt=3), "got 2 generators for 3 images"),
+        (dict(generator=0), "generator must be a torch.Generator"),
+        (dict(output_type="pt"), "output_type must be one of 'pil', 'np', 'latent', 'stack'"),
+        (dict(num_inference_steps=2000), r"num_inference_steps must be an integer in \[1, 1000\]"),
+        (dict(guidance_scale="5"), "guidance_scale must be a finite number"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(LayergenError, match=message):
+            run(pipe, **kwargs)
+    assert run(pipe, seed=0, height=np.int64(24), width=np.int64(32)).images[0].size == (32, 24)  # numpy ints
+
+
+def test_a_diverging_sampler_is_an_error_not_an_empty_layer(pipe):
+    with pytest.raises(LayergenError, match="denoising diverged .* use a smaller guidance_scale"):
+        run(pipe, seed=0, guidance_scale=1e38)
+
+
+def test_latent_output_from_every_task_pipeline_and_from_pipe(pipe):
+    fg = ForegroundOnBackgroundPipeline.from_pipe(pipe)  # diffusers hands the components over
+    bg = BackgroundBehindForegroundPipeline.from_pipe(pipe)
+    assert fg.unet is pipe.unet and bg.transparent_decoder is pipe.transparent_decoder
+    image = np.zeros((32, 32, 4), np.uint8)
+    for p, args in ((pipe, ()), (fg, (image[..., :3],)), (bg, (image,))):
+        out = p(PROMPT, *args, num_inference_steps=2, seed=0, output_type="latent", return_dict=False)
+        assert isinstance(out, tuple) and out[0].shape == (1, 4, 4, 4) and out[1] == []
+    decoded = run(pipe, seed=0, output_type="np").images
+    assert decoded.dtype == np.uint8 and decoded.shape == (1, 32, 32, 4)  # layers are 8-bit: the exact values
