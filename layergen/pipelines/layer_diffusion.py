@@ -108,8 +108,9 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
                 from transformers import AutoModel, AutoTokenizer
 
                 real = resolve_packaged(sub)
-                kwargs[name] = (AutoModel.from_pretrained(real, local_files_only=True) if name == "text_encoder"
-                                else AutoTokenizer.from_pretrained(real, local_files_only=True))
+                kwargs[name] = (  # the packaged encoder follows torch_dtype like every other component
+                    AutoModel.from_pretrained(real, local_files_only=True, dtype=kwargs.get("torch_dtype"))
+                    if name == "text_encoder" else AutoTokenizer.from_pretrained(real, local_files_only=True))
         return super().from_pretrained(path, **kwargs)
 
     def load_layerdiffuse_unet_weights(self, path_or_state_dict, scale: float = 1.0) -> int:
@@ -418,6 +419,8 @@ def _is_int(value) -> bool:
 
 def make_generator_list(generator, seed, batch):
     """A per-image generator list from a seed, so image k of a batch is reproducible on its own."""
+    if generator is not None and seed is not None:
+        raise LayergenError("pass seed= or generator=, not both")
     if generator is not None or seed is None:
         return generator
     seed = check_seed(seed, "seed", batch)

@@ -490,6 +490,8 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
     def _resolve_seed(seed, generator) -> int:
         """The layout's base seed: `seed`, else one generator's (a layout is one image; the background and
         every box derive their seeds from it), else a fresh one."""
+        if seed is not None and generator is not None:
+            raise LayergenError("pass seed= or generator=, not both")
         if seed is not None:
             return seed  # checked by the caller, with the span of box seeds it derives
         if isinstance(generator, list) and len(generator) == 1:

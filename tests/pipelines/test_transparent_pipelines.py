@@ -158,6 +158,7 @@ def test_arguments_diffusers_users_pass_are_checked_before_anything_runs(pipe):
         (dict(num_images_per_prompt=2.0), "num_images_per_prompt must be a positive integer"),
         (dict(generator=[g(0), g(1)], num_images_per_prompt=3), "got 2 generators for 3 images"),
         (dict(generator=0), "generator must be a torch.Generator"),
+        (dict(generator=g(0), seed=1), "pass seed= or generator=, not both"),
         (dict(output_type="pt"), "output_type must be one of 'pil', 'np', 'latent', 'stack'"),
         (dict(num_inference_steps=2000), r"num_inference_steps must be an integer in \[1, 1000\]"),
         (dict(guidance_scale="5"), "guidance_scale must be a finite number"),
