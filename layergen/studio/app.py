@@ -172,8 +172,13 @@ def _status(doc: Document) -> str:
         return (f"Empty {doc.width}×{doc.height} document. Generate a layer, decompose an image or import a "
                 f"file to start.")
     sel = f"selected: **{doc.stack.layers[doc.selected].name}**" if doc.selected is not None else "no selection"
-    return f"{len(doc)} layer{'s' if len(doc) != 1 else ''} · {doc.width}×{doc.height} px · {sel} · " \
-           f"last: {doc.last_action}"
+    status = f"{len(doc)} layer{'s' if len(doc) != 1 else ''} · {doc.width}×{doc.height} px · {sel} · " \
+             f"last: {doc.last_action}"
+    notes = doc.stack.metadata.get("notes")
+    if doc.last_action.startswith("Import ") and isinstance(notes, list) and notes:
+        # what flattening another tool's file could not keep (adjustment layers, group blending...): say so
+        status += "\n\nNot kept from the file: " + "; ".join(map(str, notes))
+    return status
 
 
 @dataclass

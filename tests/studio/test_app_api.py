@@ -12,7 +12,7 @@ from layergen.studio.document import checkerboard
 
 PSD = "PSD (Photoshop, Photopea, Krita)"
 ZIP = "PNG stack (zip)"
-INFO, PREVIEW, GALLERY = 10, 0, 1
+INFO, STATUS, PREVIEW, GALLERY = 10, 11, 0, 1
 
 
 def info(result):
@@ -169,6 +169,23 @@ def test_import_and_file_validation(client, tmp_path):
     path = formats.save(scene.to_stack(), tmp_path / "scene.ora")
     r = client.predict(handle_file(str(path)), api_name="/import_file")
     assert names(r) == scene.to_stack().names() and info(r)["width"] == 96
+    assert "Not kept" not in val(r[STATUS])
+
+    import io
+    import zipfile
+
+    krita = tmp_path / "krita.ora"  # a faded group of two layers: flattening cannot keep how they overlap
+    px = io.BytesIO()
+    Image.new("RGBA", (32, 32), (255, 0, 0, 255)).save(px, format="PNG")
+    with zipfile.ZipFile(krita, "w") as zf:
+        zf.writestr("mimetype", "image/openraster")
+        zf.writestr("stack.xml", '<image w="32" h="32"><stack><stack name="g" opacity="0.5">'
+                                 '<layer name="a" src="a.png"/><layer name="b" src="a.png"/></stack></stack></image>')
+        zf.writestr("a.png", px.getvalue())
+    r = client.predict(handle_file(str(krita)), api_name="/import_file")
+    assert "Not kept from the file: group 'g': its opacity is applied to each of its layers" in val(r[STATUS])
+    path = formats.save(scene.to_stack(), tmp_path / "scene.ora")
+    client.predict(handle_file(str(path)), api_name="/import_file")
 
     txt = tmp_path / "notes.txt"
     txt.write_text("not an image")
