@@ -47,6 +47,9 @@ def to_rgba_tensor(image, height: int, width: int) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise LayergenError(f"condition image must be uint8, got {image.dtype}")
+        if not (image.ndim == 2 or image.ndim == 3 and image.shape[2] in (1, 3, 4)):
+            raise LayergenError(f"condition image must be H x W (x 1, 3 or 4) gray, RGB or RGBA, got {image.shape}")
+        image = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise LayergenError(f"condition image must be a PIL image or uint8 array, got {type(image).__name__}")
@@ -189,6 +192,8 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
         prompt_list = [prompts]
         if self.do_classifier_free_guidance:
             neg = negative_prompt or ""
+            if not isinstance(neg, (str, list, tuple)) or not all(isinstance(n, str) for n in neg):
+                raise LayergenError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
             neg = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
             if len(neg) != len(prompts):
                 raise LayergenError(f"got {len(neg)} negative prompts for {len(prompts)} prompts")

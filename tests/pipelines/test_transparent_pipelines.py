@@ -162,6 +162,7 @@ def test_arguments_diffusers_users_pass_are_checked_before_anything_runs(pipe):
         (dict(output_type="pt"), "output_type must be one of 'pil', 'np', 'latent', 'stack'"),
         (dict(num_inference_steps=2000), r"num_inference_steps must be an integer in \[1, 1000\]"),
         (dict(guidance_scale="5"), "guidance_scale must be a finite number"),
+        (dict(negative_prompt=3), "negative_prompt must be a string or a list of strings"),
     ]
     for kwargs, message in cases:
         with pytest.raises(LayergenError, match=message):
@@ -184,3 +185,11 @@ def test_latent_output_from_every_task_pipeline_and_from_pipe(pipe):
         assert isinstance(out, tuple) and out[0].shape == (1, 4, 4, 4) and out[1] == []
     decoded = run(pipe, seed=0, output_type="np").images
     assert decoded.dtype == np.uint8 and decoded.shape == (1, 32, 32, 4)  # layers are 8-bit: the exact values
+
+
+def test_condition_images_of_any_channel_count_are_checked(pipe):
+    fg = ForegroundOnBackgroundPipeline(**pipe.components)
+    with pytest.raises(LayergenError, match=r"gray, RGB or RGBA, got \(32, 32, 5\)"):
+        fg(PROMPT, np.zeros((32, 32, 5), np.uint8), num_inference_steps=1)
+    gray = fg(PROMPT, np.full((32, 32, 1), 90, np.uint8), num_inference_steps=1, seed=0).stacks[0]
+    assert (gray[0].pixels[..., :3] == 90).all()
