@@ -127,4 +127,6 @@ def run(args) -> int:
     n = len(out.stack) - 1
     print(f"wrote {path} (background + {n} instance layer{'s' * (n != 1)}, {out.stack.width}x{out.stack.height}; "
           f"re-composite PSNR {out.psnr:.1f} dB, {out.seconds:.1f} s)")
+    for note in out.stack.metadata.get("notes", []):
+        print(f"note: {note}")
     return 0

@@ -372,6 +372,7 @@ class DecompositionPipeline(DiffusionPipeline):
         revealed = np.zeros((h, w), bool)  # where peeled layers were: lower layers show there completed
         peeled: list[Layer] = []
         used = []
+        notes = []  # guidance that gave no layer: the user asked for one per box / mask / point
         total = limit if recursive else len(proposals)
         with self.progress_bar(total=max(total, 1)) as bar:
             i = 0
@@ -399,6 +400,10 @@ class DecompositionPipeline(DiffusionPipeline):
                                                     below=[q.mask for q in rest])
                 revealed |= alpha > 0
                 if alpha.max() <= 0:
+                    if p.source in ("box", "mask", "point"):
+                        where = ",".join(map(str, p.metadata.get("box", p.box)))
+                        notes.append(f"{p.source} at {where}: nothing there differs from the background, so it "
+                                     "has no layer")
                     i += 1
                     bar.update(1)
                     continue
@@ -418,7 +423,7 @@ class DecompositionPipeline(DiffusionPipeline):
                 bar.update(1)
                 if recursive and not (boxes is None and masks is None and points is None):
                     break
-        stack = LayerStack(w, h, metadata={"pipeline": type(self).__name__})
+        stack = LayerStack(w, h, metadata={"pipeline": type(self).__name__, **({"notes": notes} if notes else {})})
         bg_u8 = np.floor(np.clip(current, 0, 1) * 255 + 0.5).astype(np.uint8)
         stack.add(Layer(bg_u8, name="background", metadata={"kind": "background"}))
         for k, layer in enumerate(reversed(peeled)):  # peeled top-first; the stack is bottom -> top

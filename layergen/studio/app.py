@@ -177,7 +177,7 @@ def _status(doc: Document) -> str:
     notes = doc.stack.metadata.get("notes")
     if doc.last_action.startswith("Import ") and isinstance(notes, list) and notes:
         # what flattening another tool's file could not keep (adjustment layers, group blending...): say so
-        status += "\n\nNot kept from the file: " + "; ".join(map(str, notes))
+        status += "\n\nNotes on the file: " + "; ".join(map(str, notes))
     return status
 
 

@@ -99,3 +99,16 @@ def test_cli_takes_grayscale_and_16_bit_pngs(tmp_path):
         assert len(stack) == 2 and stack.width == 96
         comp = stack.composite()[..., :3].astype(int)
         assert np.abs(comp - grey[..., None].astype(int)).max() <= 2  # gray in, the same gray out (as RGB)
+
+
+def test_a_box_around_nothing_is_reported_not_silently_dropped(tmp_path, capsys):
+    image = np.full((96, 96, 3), 200, np.uint8)
+    image[30:60, 30:60] = (220, 30, 30)
+    Image.fromarray(image).save(tmp_path / "poster.png")
+    out = tmp_path / "layers.psd"
+    args = ["decompose", str(tmp_path / "poster.png"), "-o", str(out), "--box", "28,28,34,34", "--box", "0,0,10,10"]
+    assert main(args + ["--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: box at 0,0,10,10: nothing there differs from the background, so it has no layer" in printed
+    stack = load(out)
+    assert len(stack) == 2 and len(stack.metadata["notes"]) == 1  # `layergen info` shows it too
