@@ -246,13 +246,13 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
             raise LayergenError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise LayergenError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        if isinstance(generator, list):
-            if len(generator) != len(prompts) * num_images_per_prompt:
-                raise LayergenError(f"got {len(generator)} generators for {len(prompts) * num_images_per_prompt} "
-                                    "images (prompts x num_images_per_prompt); pass one per image, or one")
-        if not all(isinstance(g, torch.Generator) for g in (generator if isinstance(generator, list) else
-                                                             [generator] if generator is not None else [])):
+        generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
+        if not all(isinstance(g, torch.Generator) for g in generators):
             raise LayergenError("generator must be a torch.Generator or a list of them; for an integer use seed=")
+        n = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != n:
+            raise LayergenError(f"got {len(generator)} generators for {n} images (prompts x num_images_per_prompt); "
+                                "pass one per image, or one")
         if output_type not in self.output_types:
             raise LayergenError(f"output_type must be one of {', '.join(map(repr, self.output_types))}, "
                                 f"got {output_type!r}")
@@ -325,7 +325,7 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
         added = self._added_cond_kwargs(pooled, gen_h, gen_w, batch)
         neg_added = self._added_cond_kwargs(neg_pooled, gen_h, gen_w, batch) if neg_pooled is not None else None
 
-        step_kwargs = self.step_kwargs(eta, generator)
+        step_kwargs = scheduler_step_kwargs(self.scheduler, eta=eta, generator=generator)
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -363,11 +363,6 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
                                 "use a smaller guidance_scale")
         return latents
 
-    def step_kwargs(self, eta: float, generator) -> dict:
-        """The optional arguments this scheduler's `step` takes (DDIM's eta; the generator of random samplers
-        such as Euler ancestral, so they stay reproducible)."""
-        params = inspect.signature(self.scheduler.step).parameters
-        return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
 
     # -- decoding -----------------------------------------------------------------------------
     def decode_transparent(self, latents, height, width, tta: bool = True) -> np.ndarray:
@@ -415,6 +410,13 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
         if not return_dict:
             return (images, stacks)
         return LayerPipelineOutput(images=images, stacks=stacks)
+
+
+def scheduler_step_kwargs(scheduler, **optional) -> dict:
+    """Those of `optional` (DDIM's eta; the generator of random samplers such as Euler ancestral, so they stay
+    reproducible) that this scheduler's `step` takes: UniPC, PNDM and LMS take neither."""
+    params = inspect.signature(scheduler.step).parameters
+    return {k: v for k, v in optional.items() if k in params}
 
 
 def _is_int(value) -> bool:

@@ -20,7 +20,6 @@ colours). `generate_human(...)` is the one-call entry point for the CLI and the 
 """
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from ..models.triplane import TriplaneDecoder, grid_points
 from ..models.triplane_unet import LayeredTriplaneUNet
 from ..models.volume_renderer import VolumeRenderer, intrinsics, orbit_cameras
 from ..seeds import generator
+from .layer_diffusion import scheduler_step_kwargs
 
 # density at which a render step of REF_STEP is half opaque: the iso-level of exported meshes
 SURFACE_DENSITY = float(np.log(2.0) / REF_STEP)
@@ -113,8 +113,7 @@ class LayeredHumanPipeline(DiffusionPipeline):
         labels = torch.tensor([label], device=device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
-        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters  # not UniPC, PNDM, LMS
-        step_kwargs = {"generator": generator} if takes_generator else {}
+        step_kwargs = scheduler_step_kwargs(self.scheduler, generator=generator)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = self.scheduler.scale_model_input(latents, t)
             pred = self.unet(model_in, t, labels, cond_in).sample

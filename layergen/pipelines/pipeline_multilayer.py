@@ -63,7 +63,7 @@ from ..layers.compositing import composite_layers
 from ..layout import Box, Layout
 from ..seeds import check_seed
 from .layer_diffusion import (TASK_BACKGROUND_BEHIND_FOREGROUND, TASK_FOREGROUND_ON_BACKGROUND,
-                              LayerDiffusionPipelineBase, to_rgba_tensor)
+                              LayerDiffusionPipelineBase, scheduler_step_kwargs, to_rgba_tensor)
 
 ATTENTION_MODES = ("region", "full")
 BOX_FITS = ("crop", "scale")
@@ -364,7 +364,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         if cond is None and self._takes_condition():
             cond = torch.zeros((b,) + shape, device=device, dtype=dtype)
         labels = self._class_labels(task, b)
-        step_kwargs = self.step_kwargs(0.0, generators)
+        step_kwargs = scheduler_step_kwargs(self.scheduler, generator=generators)
         self._num_timesteps = len(timesteps)
         h, w = shape[-2] * self.vae_scale_factor, shape[-1] * self.vae_scale_factor
         added = self._added_cond_kwargs(pooled, h, w, b)
