@@ -164,6 +164,11 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
     def interrupt(self):
         return self._interrupt
 
+    @property
+    def cross_attention_kwargs(self):
+        """The call's `cross_attention_kwargs`, passed to every UNet call (e.g. `{"scale": 0.5}` for a LoRA)."""
+        return getattr(self, "_cross_attention_kwargs", None)
+
     def _takes_condition(self) -> bool:
         return self.unet.config.in_channels == 2 * self.latent_channels
 
@@ -340,11 +345,14 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
                     c_in = None if class_labels is None else torch.cat([class_labels, class_labels])
                     a_in = None if added is None else {k: torch.cat([neg_added[k], added[k]]) for k in added}
                     noise_uncond, noise_text = self.unet(x_in, t, encoder_hidden_states=e_in, class_labels=c_in,
-                                                         added_cond_kwargs=a_in).sample.chunk(2)
+                                                         added_cond_kwargs=a_in,
+                                                         cross_attention_kwargs=self.cross_attention_kwargs
+                                                         ).sample.chunk(2)
                     noise = noise_uncond + self._guidance_scale * (noise_text - noise_uncond)
                 else:
                     noise = self.unet(x, t, encoder_hidden_states=embeds, class_labels=class_labels,
-                                      added_cond_kwargs=added).sample
+                                      added_cond_kwargs=added,
+                                      cross_attention_kwargs=self.cross_attention_kwargs).sample
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "prompt_embeds": embeds}

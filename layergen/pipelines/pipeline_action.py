@@ -211,7 +211,7 @@ class ActionPipeline(LayerDiffusionPipelineBase):
                  generator=None, seed: int | None = None, latents=None, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",),
-                 identifier_steps: float = DEFAULT_IDENTIFIER_STEPS):
+                 identifier_steps: float = DEFAULT_IDENTIFIER_STEPS, cross_attention_kwargs: dict | None = None):
         """`seed` is a convenience for `generator` (image k of a batch uses seed + k).
         `output_type`: "pil" (RGB images), "np" (uint8 N x H x W x 3) or "latent".
 
@@ -229,6 +229,7 @@ class ActionPipeline(LayerDiffusionPipelineBase):
             prompt, self.default_size() if height is None else height, self.default_size() if width is None else width,
             num_inference_steps, guidance_scale, callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
             output_type)
+        self._cross_attention_kwargs = cross_attention_kwargs
         n = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         generator = make_generator_list(generator, seed, n)
         self._guidance_scale = float(guidance_scale)  # masks depend on whether CFG runs

@@ -22,7 +22,7 @@ class BackgroundBehindForegroundPipeline(LayerDiffusionPipelineBase):
                  num_inference_steps: int = 20, guidance_scale: float = 5.0, negative_prompt=None,
                  num_images_per_prompt: int = 1, generator=None, seed: int | None = None, latents=None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end_tensor_inputs=("latents",), cross_attention_kwargs: dict | None = None):
         """`foreground`: RGBA PIL image / uint8 array / Layer (alpha is what matters), resized to the canvas."""
         fg_layer = foreground if isinstance(foreground, Layer) else None
         size = image_size(foreground)
@@ -31,6 +31,7 @@ class BackgroundBehindForegroundPipeline(LayerDiffusionPipelineBase):
         height, width = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
                                           callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
                                           output_type)
+        self._cross_attention_kwargs = cross_attention_kwargs
         fg = to_rgba_tensor(foreground, height, width)
         f = self.vae_scale_factor
         gh, gw = -(-height // f) * f, -(-width // f) * f

@@ -22,7 +22,7 @@ class ForegroundOnBackgroundPipeline(LayerDiffusionPipelineBase):
                  num_inference_steps: int = 20, guidance_scale: float = 5.0, negative_prompt=None,
                  num_images_per_prompt: int = 1, generator=None, seed: int | None = None, latents=None,
                  tta: bool = True, output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end_tensor_inputs=("latents",), cross_attention_kwargs: dict | None = None):
         """`background`: PIL image / uint8 array / Layer, resized to the canvas (default: its own size)."""
         bg_size = image_size(background)
         width = (bg_size[0] if bg_size else self.default_size()) if width is None else width
@@ -30,6 +30,7 @@ class ForegroundOnBackgroundPipeline(LayerDiffusionPipelineBase):
         height, width = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
                                           callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
                                           output_type)
+        self._cross_attention_kwargs = cross_attention_kwargs
         bg = to_rgba_tensor(background, height, width)
         f = self.vae_scale_factor
         gh, gw = -(-height // f) * f, -(-width // f) * f

@@ -380,12 +380,13 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                 out = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg, pos]),
                                 class_labels=None if labels is None else torch.cat([labels, labels]),
                                 added_cond_kwargs=None if added is None else
-                                {k: torch.cat([neg_added[k], added[k]]) for k in added}).sample
+                                {k: torch.cat([neg_added[k], added[k]]) for k in added},
+                                cross_attention_kwargs=self.cross_attention_kwargs).sample
                 uncond, text = out.chunk(2)
                 noise = uncond + self._guidance_scale * (text - uncond)
             else:
                 noise = self.unet(x, t, encoder_hidden_states=pos, class_labels=labels,
-                                  added_cond_kwargs=added).sample
+                                  added_cond_kwargs=added, cross_attention_kwargs=self.cross_attention_kwargs).sample
             latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
             if mask is not None:
                 target = known
@@ -513,7 +514,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
                  joint: bool = True, max_batch: int = 16,
                  anonymous_order: str = "layout", tta: bool = True, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end_tensor_inputs=("latents",), cross_attention_kwargs: dict | None = None):
         """Generate a layered image.
 
         `layout`: a `Layout`, or a list of boxes: `Box`, (x, y, w, h), (x, y, w, h, prompt), dicts
@@ -537,6 +538,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
             raise LayergenError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
+        self._cross_attention_kwargs = cross_attention_kwargs
         W, H = layout.width, layout.height
         if W < self.vae_scale_factor or H < self.vae_scale_factor:
             raise LayergenError(f"canvas must be at least {self.vae_scale_factor}x{self.vae_scale_factor}")
@@ -606,6 +608,7 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         self._check(steps, gs, 1, output_type)
         self._guidance_scale = gs
         self._interrupt = False
+        self._cross_attention_kwargs = None
         if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
             raise LayergenError(f"prompt is empty; describe the new layer, or pass prompt=None to keep {old.name!r}'s")
         new_prompt = prompt if prompt is not None else meta.get("prompt")

@@ -27,13 +27,14 @@ class TransparentLayerPipeline(LayerDiffusionPipelineBase):
                  guidance_scale: float = 5.0, negative_prompt=None, num_images_per_prompt: int = 1,
                  generator=None, seed: int | None = None, latents=None, tta: bool = True,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end_tensor_inputs=("latents",), cross_attention_kwargs: dict | None = None):
         """`seed` is a convenience for `generator` (image k of a batch uses seed + k).
         `output_type`: "pil" (RGBA images), "np", "latent" or "stack"."""
         height, width = self.check_inputs(
             prompt, self.default_size() if height is None else height, self.default_size() if width is None else width,
             num_inference_steps, guidance_scale, callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
             output_type)
+        self._cross_attention_kwargs = cross_attention_kwargs
         n = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         generator = make_generator_list(generator, seed, n)
         latents, prompts = self.denoise(prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,

@@ -193,3 +193,15 @@ def test_condition_images_of_any_channel_count_are_checked(pipe):
         fg(PROMPT, np.zeros((32, 32, 5), np.uint8), num_inference_steps=1)
     gray = fg(PROMPT, np.full((32, 32, 1), 90, np.uint8), num_inference_steps=1, seed=0).stacks[0]
     assert (gray[0].pixels[..., :3] == 90).all()
+
+
+def test_cross_attention_kwargs_scale_a_lora_per_call():
+    from peft import LoraConfig
+
+    p = TransparentLayerPipeline(**tiny_layer_components())
+    base = run(p, seed=0, output_type="np").images
+    p.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_k", "to_v"]))
+    full = run(p, seed=0, output_type="np").images
+    off = run(p, seed=0, output_type="np", cross_attention_kwargs={"scale": 0.0}).images
+    assert not np.array_equal(full, base) and np.array_equal(off, base)
+    assert np.array_equal(run(p, seed=0, output_type="np").images, full)  # the scale lasts one call
