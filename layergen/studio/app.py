@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import LayerError, LayergenError
 from ..layers import BLEND_MODES, LayerStack
 from .backends import Box, Condition, LayerBackend, MAX_PROMPT_CHARS
-from .document import MAX_CANVAS, MAX_UPLOAD_BYTES, MIN_CANVAS, Document, check_canvas_size
+from .document import MAX_CANVAS, MAX_UPLOAD_BYTES, MIN_CANVAS, Document, check_canvas_size, check_image_header
 
 TITLE = "layergen studio"
 IMPORT_TYPES = [".psd", ".ora", ".zip", ".png", ".webp"]
@@ -84,6 +84,24 @@ def _check_seed(seed) -> int:
     return int(value)
 
 
+class UploadedImage(gr.Image):
+    """`gr.Image(type="filepath")` whose upload reaches layergen even when Pillow cannot open it.
+
+    Gradio opens every uploaded image before the handler runs; a corrupt or huge file then fails inside Gradio
+    with a bare "Error". Passing the path on lets `_check_image` say what is wrong, naming the file.
+    `is_template` keeps the frontend of `gr.Image`."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception:
+            if payload is None or payload.path is None:
+                raise
+            return str(payload.path)
+
+
 def _check_image(image, what: str = "image") -> np.ndarray:
     """An array, or an uploaded file's path (decoded here, so a corrupt upload gets a clear message; Gradio's
     `max_file_size`, set at launch, has already bounded its size)."""
@@ -93,6 +111,7 @@ def _check_image(image, what: str = "image") -> np.ndarray:
         from ..layers.formats._common import decode_image
 
         path = Path(image)
+        check_image_header(path)
         image = decode_image(path.read_bytes(), path.name)
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
@@ -188,6 +207,12 @@ class StudioContext:
     doc: gr.State
     outputs: list
     backends: LayerBackend
+    status: gr.components.Component | None = None
+
+    @property
+    def on_status(self) -> dict:
+        """Event keywords for handlers that re-render the panel: progress and error badges on the status only."""
+        return {"show_progress_on": [self.status]} if self.status is not None else {}
 
     def render(self, doc: Document) -> tuple:
         return (doc,) + render_panel(doc)
@@ -321,8 +346,9 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                         with gr.Tab("Decompose", id="decompose", elem_id="tab-decompose"):
                             gr.Markdown("Upload a flat picture; optionally draw or type a box around each object. "
                                         "Its layers replace the document (undo brings the old one back).")
-                            dec_image = gr.Image(label="Flat image", type="filepath", image_mode=None, format="png",
-                                                 sources=["upload", "clipboard"], elem_id="decompose-image")
+                            dec_image = UploadedImage(label="Flat image", type="filepath", image_mode=None,
+                                                      format="png", sources=["upload", "clipboard"],
+                                                      elem_id="decompose-image")
                             dec_sketch = gr.ImageEditor(label="Draw boxes (optional)", type="numpy", image_mode="RGBA",
                                                         format="png", layers=False, transforms=(), height=320,
                                                         sources=(), brush=gr.Brush(colors=["#2d9bff"], default_size=6))
@@ -396,35 +422,43 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
 
         panel = [preview, gallery, layer_select, name, visible, opacity, blend, pos_x, pos_y, scale, info, status,
                  undo_btn, redo_btn]
-        ctx = StudioContext(doc, [doc] + panel, backends)
+        ctx = StudioContext(doc, [doc] + panel, backends, status)
         outputs = ctx.outputs
         act = ctx.action
         model = dict(concurrency_id="model", concurrency_limit=1)  # one generation at a time per server
+        # Progress and errors show on the status line only: by default Gradio badges every output "Error" after a
+        # failed event and leaves the badges there, hiding the canvas and the layer panel behind them.
+        on_status = ctx.on_status
 
         # -- document -----------------------------------------------------------------------
-        demo.load(act(lambda d: None), [doc], outputs, api_name="refresh")
-        undo_btn.click(act(lambda d: d.undo()), [doc], outputs, api_name="undo")
-        redo_btn.click(act(lambda d: d.redo()), [doc], outputs, api_name="redo")
-        new_btn.click(act(lambda d, width, height: d.new(width, height)), [doc, new_w, new_h], outputs, api_name="new_document")
+        demo.load(act(lambda d: None), [doc], outputs, **on_status, api_name="refresh")
+        undo_btn.click(act(lambda d: d.undo()), [doc], outputs, **on_status, api_name="undo")
+        redo_btn.click(act(lambda d: d.redo()), [doc], outputs, **on_status, api_name="redo")
+        new_btn.click(act(lambda d, width, height: d.new(width, height)), [doc, new_w, new_h], outputs, **on_status,
+                      api_name="new_document")
 
         # -- layers panel ---------------------------------------------------------------------
-        layer_select.input(act(lambda d, index: d.select(index)), [doc, layer_select], outputs, api_name="select_layer")
+        layer_select.input(act(lambda d, index: d.select(index)), [doc, layer_select], outputs, **on_status,
+                           api_name="select_layer")
 
         def on_gallery_select(d: Document, evt: gr.SelectData):
             d.select(len(d) - 1 - evt.index)  # the gallery shows the top layer first
 
-        gallery.select(act(on_gallery_select), [doc], outputs, api_name=False)
-        rename_btn.click(act(lambda d, name: d.rename(None, name)), [doc, name], outputs, api_name="rename")
-        name.submit(act(lambda d, name: d.rename(None, name)), [doc, name], outputs, api_name=False)
-        visible.input(act(lambda d, visible: d.set_visible(None, visible)), [doc, visible], outputs, api_name="set_visible")
+        gallery.select(act(on_gallery_select), [doc], outputs, **on_status, api_name=False)
+        rename_btn.click(act(lambda d, name: d.rename(None, name)), [doc, name], outputs, **on_status,
+                         api_name="rename")
+        name.submit(act(lambda d, name: d.rename(None, name)), [doc, name], outputs, **on_status, api_name=False)
+        visible.input(act(lambda d, visible: d.set_visible(None, visible)), [doc, visible], outputs, **on_status,
+                      api_name="set_visible")
         opacity.release(act(lambda d, percent: d.set_opacity(None, float(percent) / 100.0)), [doc, opacity], outputs,
-                        api_name="set_opacity")
-        blend.input(act(lambda d, mode: d.set_blend_mode(None, mode)), [doc, blend], outputs, api_name="set_blend_mode")
-        up_btn.click(act(lambda d: d.move_up()), [doc], outputs, api_name="move_up")
-        down_btn.click(act(lambda d: d.move_down()), [doc], outputs, api_name="move_down")
-        dup_btn.click(act(lambda d: d.duplicate()), [doc], outputs, api_name="duplicate")
-        merge_btn.click(act(lambda d: d.merge_down()), [doc], outputs, api_name="merge_down")
-        del_btn.click(act(lambda d: d.delete()), [doc], outputs, api_name="delete")
+                        **on_status, api_name="set_opacity")
+        blend.input(act(lambda d, mode: d.set_blend_mode(None, mode)), [doc, blend], outputs, **on_status,
+                    api_name="set_blend_mode")
+        up_btn.click(act(lambda d: d.move_up()), [doc], outputs, **on_status, api_name="move_up")
+        down_btn.click(act(lambda d: d.move_down()), [doc], outputs, **on_status, api_name="move_down")
+        dup_btn.click(act(lambda d: d.duplicate()), [doc], outputs, **on_status, api_name="duplicate")
+        merge_btn.click(act(lambda d: d.merge_down()), [doc], outputs, **on_status, api_name="merge_down")
+        del_btn.click(act(lambda d: d.delete()), [doc], outputs, **on_status, api_name="delete")
 
         def transform(d: Document, x, y, scale_percent):
             i = d.resolve(None)
@@ -437,7 +471,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 if scale_percent is not None and float(scale_percent) != 100:
                     d.scale(i, float(scale_percent) / 100.0)
 
-        move_btn.click(act(transform), [doc, pos_x, pos_y, scale], outputs, api_name="transform")
+        move_btn.click(act(transform), [doc, pos_x, pos_y, scale], outputs, **on_status, api_name="transform")
 
         # -- generate -------------------------------------------------------------------------
         def generate(d: Document, prompt, seed, condition, progress=gr.Progress(track_tqdm=True)):
@@ -459,8 +493,9 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
             except (TypeError, ValueError):
                 return gr.Number()
 
-        gen_evt = gen_btn.click(act(generate), [doc, prompt, seed, condition], outputs, api_name="generate", **model)
-        prompt.submit(act(generate), [doc, prompt, seed, condition], outputs, api_name=False, **model) \
+        gen_evt = gen_btn.click(act(generate), [doc, prompt, seed, condition], outputs, **on_status,
+                                api_name="generate", **model)
+        prompt.submit(act(generate), [doc, prompt, seed, condition], outputs, **on_status, api_name=False, **model) \
             .success(bump_seed, [seed, next_seed], [seed], api_name=False, queue=False)
         gen_evt.success(bump_seed, [seed, next_seed], [seed], api_name=False, queue=False)
 
@@ -483,7 +518,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                     d.add_layers(layers)
 
         lay_btn.click(act(generate_layout), [doc, lay_prompt, lay_boxes, lay_seed, lay_background], outputs,
-                      api_name="generate_layout", **model)
+                      **on_status, api_name="generate_layout", **model)
 
         def sketch_to_table(d: Document, sketch, table):
             rows = [r for r in _table_rows(table) if any(v not in (None, "") for v in r[:4])]
@@ -507,7 +542,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
             new = backends.repaint(d.stack.copy(), i, text, s)
             d.replace_pixels(i, new, label="Repaint layer")
 
-        rep_btn.click(act(repaint), [doc, rep_prompt, rep_seed], outputs, api_name="repaint", **model)
+        rep_btn.click(act(repaint), [doc, rep_prompt, rep_seed], outputs, **on_status, api_name="repaint", **model)
 
         # -- decompose ------------------------------------------------------------------------
         def decompose(d: Document, image, boxes, progress=gr.Progress(track_tqdm=True)):
@@ -519,7 +554,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 raise LayerError("the decomposition produced no layers")
             d.replace_stack(stack, label="Decompose image")
 
-        dec_btn.click(act(decompose), [doc, dec_image, dec_boxes], outputs, api_name="decompose", **model)
+        dec_btn.click(act(decompose), [doc, dec_image, dec_boxes], outputs, **on_status, api_name="decompose", **model)
 
         def dec_backdrop(image):
             if image is None:
@@ -546,7 +581,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
             progress(0, desc="Reading file")
             d.import_file(path, max_bytes=max_upload_bytes)
 
-        imp_btn.click(act(import_file), [doc, imp_file], outputs, api_name="import_file")
+        imp_btn.click(act(import_file), [doc, imp_file], outputs, **on_status, api_name="import_file")
 
         @_user_errors
         def export(d: Document, format, progress=gr.Progress()):

@@ -38,6 +38,22 @@ MAX_SCALE = 8.0
 MAX_UPLOAD_BYTES = 64 * 2**20
 
 
+def check_image_header(path) -> None:
+    """Refuse an image file whose header declares a canvas the studio does not take, before decoding it (a
+    12000 px PNG takes seconds and gigabytes to decode only to be refused)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except Image.DecompressionBombError:
+        raise LayerError(f"{Path(path).name}: canvas must be at most {MAX_CANVAS} pixels per side; this image is "
+                         "hundreds of megapixels") from None
+    except (OSError, SyntaxError, ValueError):
+        return  # not an image Pillow can open: the decoder says what is wrong, naming the file
+    check_canvas_size(*size)
+
+
 def check_canvas_size(width, height) -> tuple[int, int]:
     """Validate a canvas size the studio accepts (generation, import, decomposition)."""
     try:
@@ -469,6 +485,8 @@ def load_upload(path, max_bytes: int = MAX_UPLOAD_BYTES) -> LayerStack:
     fmt = formats.detect_format(path)
     if fmt == "dir":
         raise FormatError(f"{path.name}: upload a .psd, .ora, .zip, .png or .webp file")
+    if fmt in ("png", "webp"):
+        check_image_header(path)
     try:
         return formats.load(path, format=fmt)
     except FormatError as exc:  # the user knows the file's name, not the server's upload folder

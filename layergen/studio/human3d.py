@@ -174,9 +174,10 @@ def human_tab(backend: HumanBackend | None = None):
             doc.add_layer(view, label="Add 3D human view")
 
         button.click(generate, [layers, seed], [files_state, shown, model3d, turntable, summary],
-                     api_name="generate_human", concurrency_id="model", concurrency_limit=1)
+                     api_name="generate_human", concurrency_id="model", concurrency_limit=1,
+                     show_progress_on=[summary])  # progress and error badges there, not over the 3D view
         shown.input(on_show, [files_state, shown], [model3d, turntable], api_name="show_human_layer")
-        add_btn.click(ctx.action(add_front), [ctx.doc, files_state, shown], ctx.outputs,
+        add_btn.click(ctx.action(add_front), [ctx.doc, files_state, shown], ctx.outputs, **ctx.on_status,
                       api_name="add_human_view")
 
     return TAB_TITLE, build

@@ -28,6 +28,16 @@ def names(result):
     return [l["name"] for l in info(result)["layers"]]
 
 
+def png_header(width, height) -> bytes:
+    """The start of a PNG declaring a width x height RGB canvas (its pixel data cut off)."""
+    import struct
+    import zlib
+
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+            + struct.pack(">I", 1000) + b"IDAT" + bytes(64))
+
+
 def table(rows):
     return {"headers": ["x0", "y0", "x1", "y1", "prompt"], "data": rows, "metadata": None}
 
@@ -162,6 +172,17 @@ def test_decompose_upload(client, tmp_path):
     cut.write_bytes(path.read_bytes()[:400])  # a PNG cut short: decoded by layergen, named in the message
     with pytest.raises(AppError, match="cut.png: cannot decode image"):
         client.predict(handle_file(str(cut)), table([]), api_name="/decompose")
+    garbage = tmp_path / "garbage.png"  # Pillow cannot even open it: Gradio's own preprocessing used to fail first
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(AppError, match="garbage.png: not a PNG image|garbage.png: cannot decode image"):
+        client.predict(handle_file(str(garbage)), table([]), api_name="/decompose")
+    for side, message in ((12000, "canvas must be between 32 and 2048 pixels per side, got 12000x12000"),
+                          (20000, "huge.png: canvas must be at most 2048 pixels per side")):
+        huge = tmp_path / "huge.png"
+        huge.write_bytes(png_header(side, side))  # refused from the header: nothing is decoded
+        for endpoint, args in (("/decompose", (table([]),)), ("/import_file", ())):
+            with pytest.raises(AppError, match=message):
+                client.predict(handle_file(str(huge)), *args, api_name=endpoint)
 
 
 def test_import_and_file_validation(client, tmp_path):

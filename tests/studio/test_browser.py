@@ -58,6 +58,14 @@ def test_generate_hide_and_export_psd_in_chromium(studio, browser, tmp_path):
     expect(visible).not_to_be_checked()
     expect(page.locator("#status")).to_contain_text("Hide layer")
 
+    page.locator("#gen-prompt textarea").fill("")  # a user error: a message, and the panel stays readable
+    page.locator("#gen-button").click()
+    expect(page.get_by_text("type a prompt").first).to_be_visible(timeout=TIMEOUT_MS)
+    page.wait_for_timeout(1000)
+    for panel in ("#preview", "#layers-gallery", "#layer-name"):  # Gradio badged every output "Error" before
+        assert "Error" not in page.locator(panel).inner_text(), panel
+    expect(gallery).to_contain_text("0: red star (hidden)")
+
     page.get_by_role("tab", name="File").click()
     expect(page.locator("#export-format")).to_contain_text("PSD")
     page.locator("#export-button").click()

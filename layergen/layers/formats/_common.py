@@ -42,6 +42,7 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_canvas(where, *im.size)  # from the header, before decoding gigabytes
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "RGB;16", "RGBA;16"):
                 raise FormatError(f"{where}: {im.mode} (16-bit/float) images are not supported; convert to 8-bit RGBA")
@@ -52,6 +53,8 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
         raise
     except LayerError as exc:
         raise FormatError(f"{where}: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, under ours for very large images
+        raise FormatError(f"{where}: image is larger than layergen reads ({exc})") from exc
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         # Pillow reports corrupt/truncated data as OSError ("image file is truncated"), SyntaxError or ValueError.
         raise FormatError(f"{where}: cannot decode image ({exc})") from exc
@@ -69,12 +72,16 @@ MAX_CANVAS_SIDE = 30000  # what PSD allows
 MAX_CANVAS_PIXELS = 16384 * 16384  # 1 GiB as RGBA8: a file claiming more is corrupt or hostile, not a picture
 
 
+def check_canvas(where: str, width: int, height: int) -> None:
+    if max(width, height) > MAX_CANVAS_SIDE or width * height > MAX_CANVAS_PIXELS:
+        raise FormatError(f"{where}: canvas {width}x{height} is larger than layergen reads "
+                          f"({MAX_CANVAS_SIDE} px a side, {MAX_CANVAS_PIXELS // 2**20} megapixels)")
+
+
 def make_stack(where: str, width, height, metadata=None) -> LayerStack:
     try:
         width, height = int(width), int(height)
-        if max(width, height) > MAX_CANVAS_SIDE or width * height > MAX_CANVAS_PIXELS:
-            raise FormatError(f"{where}: canvas {width}x{height} is larger than layergen reads "
-                              f"({MAX_CANVAS_SIDE} px a side, {MAX_CANVAS_PIXELS // 2**20} megapixels)")
+        check_canvas(where, width, height)
         return LayerStack(width, height, metadata=metadata)
     except (LayerError, TypeError, ValueError, OverflowError) as exc:
         raise FormatError(f"{where}: invalid canvas size {width!r} x {height!r}") from exc
