@@ -384,3 +384,11 @@ def test_dir_save_never_deletes_files_it_did_not_write(tmp_path):
         save(LayerStack(2, 2, [Layer(rnd(2, 2, 3), "only")]), tmp_path / "stack_dir")
     assert (tmp_path / "stack_dir" / "notes.txt").read_text() == "mine"
     assert load(tmp_path / "stack_dir") == small_stack()
+
+
+def test_an_image_declaring_a_huge_canvas_is_refused_from_its_header(tmp_path):
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr
+                                        + struct.pack(">I", zlib.crc32(ihdr)) + struct.pack(">I", 99) + b"IDAT")
+    with pytest.raises(FormatError, match="bomb.png: image is larger than layergen reads"):
+        load(tmp_path / "bomb.png")

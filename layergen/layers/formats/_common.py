@@ -53,8 +53,9 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
         raise
     except LayerError as exc:
         raise FormatError(f"{where}: {exc}") from exc
-    except Image.DecompressionBombError as exc:  # Pillow's own guard, under ours for very large images
-        raise FormatError(f"{where}: image is larger than layergen reads ({exc})") from exc
+    except Image.DecompressionBombError:  # Pillow's own guard, below ours, trips first for very large images
+        raise FormatError(f"{where}: image is larger than layergen reads (over "
+                          f"{2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels)") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         # Pillow reports corrupt/truncated data as OSError ("image file is truncated"), SyntaxError or ValueError.
         raise FormatError(f"{where}: cannot decode image ({exc})") from exc
