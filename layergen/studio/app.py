@@ -409,8 +409,8 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                         with gr.Row():
                             pos_x = gr.Number(label="x", value=0, precision=0, min_width=60, elem_id="layer-x")
                             pos_y = gr.Number(label="y", value=0, precision=0, min_width=60, elem_id="layer-y")
-                        scale = gr.Slider(10, 400, value=100, step=5, label="Scale % (about the centre, after the move)",
-                                          elem_id="layer-scale")
+                        scale = gr.Slider(10, 400, value=100, step=5, elem_id="layer-scale",
+                                          label="Scale % (about the centre, after the move)")
                     move_btn = gr.Button("Apply position / scale", size="sm", elem_id="transform-button")
                     with gr.Accordion("Document info", open=False):
                         info = gr.JSON(label="Document", elem_id="doc-info")
