@@ -44,12 +44,14 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import LayergenError
-    from ..pipelines.pipeline_layered_human import generate_human
+    from ..pipelines.pipeline_layered_human import MAX_VIEW_SIZE, generate_human
 
     for name, value, lo in (("--steps", args.steps, 1), ("--views", args.views, 1), ("--size", args.size, 8),
                             ("--mesh-resolution", args.mesh_resolution, 8)):
         if value < lo:
             raise LayergenError(f"{name} must be at least {lo}, got {value}")
+    if args.size > MAX_VIEW_SIZE:
+        raise LayergenError(f"--size must be at most {MAX_VIEW_SIZE}, got {args.size}")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise LayergenError(f"-o {args.output}: exists and is not a folder; the human is written into a folder")
     files = generate_human(layers=args.layers, seed=args.seed, output_dir=args.output, model_path=args.model,

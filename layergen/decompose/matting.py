@@ -35,8 +35,9 @@ def import_announced(name: str, message: str, after: float = 3.0):
     Why: importing pymatting compiles all its numba kernels the first time after an install (about 50 s on 2
     cores; cached afterwards), and a first decomposition that sits silent that long looks hung.
     """
-    if name in sys.modules:
-        return sys.modules[name]
+    module = sys.modules.get(name)
+    if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return module  # imported already (one another thread is still importing goes through the import lock)
     timer = threading.Timer(after, logger.warning, (message,))
     timer.daemon = True
     timer.start()

@@ -47,8 +47,9 @@ def to_rgba_tensor(image, height: int, width: int) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise LayergenError(f"condition image must be uint8, got {image.dtype}")
-        if not (image.ndim == 2 or image.ndim == 3 and image.shape[2] in (1, 3, 4)):
-            raise LayergenError(f"condition image must be H x W (x 1, 3 or 4) gray, RGB or RGBA, got {image.shape}")
+        if not (image.ndim == 2 or image.ndim == 3 and image.shape[2] in (1, 2, 3, 4)):
+            raise LayergenError(f"condition image must be H x W (x 1, 2, 3 or 4) gray, gray + alpha, RGB or RGBA, "
+                                f"got {image.shape}")
         image = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
@@ -112,7 +113,7 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
 
                 real = resolve_packaged(sub)
                 kwargs[name] = (  # the packaged encoder follows torch_dtype like every other component
-                    AutoModel.from_pretrained(real, local_files_only=True, dtype=kwargs.get("torch_dtype"))
+                    AutoModel.from_pretrained(real, local_files_only=True, **_dtype_kwargs(kwargs.get("torch_dtype")))
                     if name == "text_encoder" else AutoTokenizer.from_pretrained(real, local_files_only=True))
         return super().from_pretrained(path, **kwargs)
 
@@ -425,6 +426,16 @@ def scheduler_step_kwargs(scheduler, **optional) -> dict:
     reproducible) that this scheduler's `step` takes: UniPC, PNDM and LMS take neither."""
     params = inspect.signature(scheduler.step).parameters
     return {k: v for k, v in optional.items() if k in params}
+
+
+def _dtype_kwargs(dtype) -> dict:
+    """transformers' dtype keyword: `dtype` since 4.56, `torch_dtype` before; nothing when not asked for."""
+    if dtype is None:
+        return {}
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 def _is_int(value) -> bool:

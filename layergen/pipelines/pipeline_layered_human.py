@@ -37,7 +37,7 @@ from ..models.triplane import TriplaneDecoder, grid_points
 from ..models.triplane_unet import LayeredTriplaneUNet
 from ..models.volume_renderer import VolumeRenderer, intrinsics, orbit_cameras
 from ..seeds import generator
-from .layer_diffusion import scheduler_step_kwargs
+from .layer_diffusion import _is_int, scheduler_step_kwargs
 
 # density at which a render step of REF_STEP is half opaque: the iso-level of exported meshes
 SURFACE_DENSITY = float(np.log(2.0) / REF_STEP)
@@ -142,8 +142,7 @@ class LayeredHumanPipeline(DiffusionPipeline):
         """
         names = parse_layers(layers)
         most = int(self.scheduler.config.num_train_timesteps)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or not 1 <= num_inference_steps <= most:
+        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= most:
             raise LayergenError(f"num_inference_steps must be an integer in [1, {most}], got {num_inference_steps!r}")
         for k in callback_on_step_end_tensor_inputs:
             if k not in self._callback_tensor_inputs:
@@ -530,10 +529,7 @@ class LayeredHumanPipeline(DiffusionPipeline):
         """
         from ..models.volume_renderer import grid_density_fn
 
-        if cameras is None and (isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1):
-            raise LayergenError(f"num_views must be a positive integer, got {num_views!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 2048:
-            raise LayergenError(f"size must be an integer in [8, 2048] pixels, got {size!r}")
+        check_views(num_views if cameras is None else 1, size)
         c2w = cameras if cameras is not None else orbit_cameras(num_views, elevation_deg=elevation,
                                                                 azimuth_offset_deg=azimuth_offset)
         cfg = self.decoder.config
@@ -723,6 +719,17 @@ def load_pipeline(model_path=None) -> LayeredHumanPipeline:
     return _PIPE_CACHE[key]
 
 
+MAX_VIEW_SIZE = 2048
+
+
+def check_views(num_views, size) -> None:
+    """Turntable arguments, checked before anything is sampled or rendered."""
+    if not _is_int(num_views) or num_views < 1:
+        raise LayergenError(f"num_views must be a positive integer, got {num_views!r}")
+    if not _is_int(size) or not 8 <= size <= MAX_VIEW_SIZE:
+        raise LayergenError(f"size must be an integer in [8, {MAX_VIEW_SIZE}] pixels, got {size!r}")
+
+
 def generate_human(layers="body,pants,shirt,shoes", seed: int = 0, output_dir="human", model_path=None,
                    num_inference_steps: int = 25, num_views: int = 8, size: int = 64, mesh_resolution: int = 64,
                    mesh_format: str = "glb", body=None, keep_uncovered: bool = True, compose: bool | None = None,
@@ -734,6 +741,7 @@ def generate_human(layers="body,pants,shirt,shoes", seed: int = 0, output_dir="h
     For the studio: `files['layers'][i]['mesh']` is a GLB for gr.Model3D, `['gif']` a turntable.
     """
     names = parse_layers(layers)
+    check_views(num_views, size)
     pipe = load_pipeline(model_path)
     pipe.set_progress_bar_config(disable=not progress)
     body_tp = load_triplanes(body)[0] if body is not None else None

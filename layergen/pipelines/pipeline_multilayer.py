@@ -63,7 +63,7 @@ from ..layers.compositing import composite_layers
 from ..layout import Box, Layout
 from ..seeds import check_seed
 from .layer_diffusion import (TASK_BACKGROUND_BEHIND_FOREGROUND, TASK_FOREGROUND_ON_BACKGROUND,
-                              LayerDiffusionPipelineBase, scheduler_step_kwargs, to_rgba_tensor)
+                              LayerDiffusionPipelineBase, _is_int, scheduler_step_kwargs, to_rgba_tensor)
 
 ATTENTION_MODES = ("region", "full")
 BOX_FITS = ("crop", "scale")
@@ -477,11 +477,11 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
 
     def _check(self, steps, guidance_scale, max_batch, output_type):
         most = int(self.scheduler.config.num_train_timesteps)
-        if not isinstance(steps, int) or not 1 <= steps <= most:
+        if not _is_int(steps) or not 1 <= steps <= most:
             raise LayergenError(f"num_inference_steps must be an integer in [1, {most}], got {steps!r}")
         if not isinstance(guidance_scale, numbers.Real) or not np.isfinite(guidance_scale):
             raise LayergenError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if not _is_int(max_batch) or max_batch < 1:
             raise LayergenError(f"max_batch must be a positive integer, got {max_batch!r}")
         if output_type not in self.output_types:
             raise LayergenError(f"output_type must be one of {', '.join(map(repr, self.output_types))}, "

@@ -84,22 +84,24 @@ def _check_seed(seed) -> int:
     return int(value)
 
 
-class UploadedImage(gr.Image):
-    """`gr.Image(type="filepath")` whose upload reaches layergen even when Pillow cannot open it.
+def _pass_unreadable_uploads(image: gr.Image) -> gr.Image:
+    """Let an upload to `image` (type "filepath") reach layergen even when Pillow cannot open it.
 
     Gradio opens every uploaded image before the handler runs; a corrupt or huge file then fails inside Gradio
-    with a bare "Error". Passing the path on lets `_check_image` say what is wrong, naming the file.
-    `is_template` keeps the frontend of `gr.Image`."""
+    with a bare "Error". Passing the path on lets `_check_image` say what is wrong, naming the file. (An instance
+    override, not a subclass: Gradio writes a stub file next to any module that subclasses a component.)"""
+    preprocess = image.preprocess
 
-    is_template = True
-
-    def preprocess(self, payload):
+    def tolerant(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except Exception:
             if payload is None or payload.path is None:
                 raise
             return str(payload.path)
+
+    image.preprocess = tolerant
+    return image
 
 
 def _check_image(image, what: str = "image") -> np.ndarray:
@@ -194,9 +196,10 @@ def _status(doc: Document) -> str:
     status = f"{len(doc)} layer{'s' if len(doc) != 1 else ''} · {doc.width}×{doc.height} px · {sel} · " \
              f"last: {doc.last_action}"
     notes = doc.stack.metadata.get("notes")
-    if doc.last_action.startswith("Import ") and isinstance(notes, list) and notes:
-        # what flattening another tool's file could not keep (adjustment layers, group blending...): say so
-        status += "\n\nNotes on the file: " + "; ".join(map(str, notes))
+    if doc.last_action.startswith(("Import ", "Decompose")) and isinstance(notes, list) and notes:
+        # what flattening another tool's file could not keep (adjustment layers, group blending...), or guidance
+        # that found nothing to decompose: say so
+        status += "\n\nNotes: " + "; ".join(map(str, notes))
     return status
 
 
@@ -346,9 +349,9 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                         with gr.Tab("Decompose", id="decompose", elem_id="tab-decompose"):
                             gr.Markdown("Upload a flat picture; optionally draw or type a box around each object. "
                                         "Its layers replace the document (undo brings the old one back).")
-                            dec_image = UploadedImage(label="Flat image", type="filepath", image_mode=None,
-                                                      format="png", sources=["upload", "clipboard"],
-                                                      elem_id="decompose-image")
+                            dec_image = _pass_unreadable_uploads(gr.Image(
+                                label="Flat image", type="filepath", image_mode=None, format="png",
+                                sources=["upload", "clipboard"], elem_id="decompose-image"))
                             dec_sketch = gr.ImageEditor(label="Draw boxes (optional)", type="numpy", image_mode="RGBA",
                                                         format="png", layers=False, transforms=(), height=320,
                                                         sources=(), brush=gr.Brush(colors=["#2d9bff"], default_size=6))

@@ -392,3 +392,14 @@ def test_an_image_declaring_a_huge_canvas_is_refused_from_its_header(tmp_path):
                                         + struct.pack(">I", zlib.crc32(ihdr)) + struct.pack(">I", 99) + b"IDAT")
     with pytest.raises(FormatError, match="bomb.png: image is larger than layergen reads"):
         load(tmp_path / "bomb.png")
+
+
+def test_notes_are_not_written_back_and_a_stack_folder_tolerates_hidden_and_listed_files(tmp_path):
+    stack = small_stack()
+    stack.metadata.update(notes=["group 'g': composite-op svg:multiply ignored (group flattened)"], title="t")
+    for suffix in (".psd", ".ora", ".zip"):
+        assert load(save(stack, tmp_path / f"s{suffix}")).metadata == {"title": "t"}
+    save(small_stack(), tmp_path / "dir")
+    (tmp_path / "dir" / ".DS_Store").write_bytes(b"finder")
+    save(LayerStack(2, 2, [Layer(rnd(2, 2, 3), "only")]), tmp_path / "dir")
+    assert load(tmp_path / "dir").names() == ["only"]

@@ -263,7 +263,7 @@ def test_roundtrip_generate_human_and_cli(pipe, tmp_path, capsys):
 
     capsys.readouterr()
     for argv in (["--layers", "pants,body"], ["--layers", "body,cape"], ["--model", str(tmp_path / "nope")],
-                 ["--body", str(tmp_path / "cli" / "summary.json")], ["--steps", "0"]):
+                 ["--body", str(tmp_path / "cli" / "summary.json")], ["--steps", "0"], ["--size", "3000"]):
         rc = cli_main(["human", "--model", str(model), "-o", str(tmp_path / "bad"), *argv])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("layergen: error:") and err.count("\n") == 1, (argv, err)

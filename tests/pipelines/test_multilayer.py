@@ -346,3 +346,4 @@ def test_one_generator_reproduces_a_layout_with_any_scheduler(pipe):
         run(pipe, output_type="latent")
     with pytest.raises(LayergenError, match="canvas must be between 8x8 and 4096x4096, got 64x0"):
         run(pipe, height=0)  # 0 is not "the default size"
+    assert len(run(pipe, num_inference_steps=np.int64(1), max_batch=np.int64(4)).stacks[0]) == 4  # numpy ints

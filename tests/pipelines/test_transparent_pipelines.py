@@ -189,7 +189,7 @@ def test_latent_output_from_every_task_pipeline_and_from_pipe(pipe):
 
 def test_condition_images_of_any_channel_count_are_checked(pipe):
     fg = ForegroundOnBackgroundPipeline(**pipe.components)
-    with pytest.raises(LayergenError, match=r"gray, RGB or RGBA, got \(32, 32, 5\)"):
+    with pytest.raises(LayergenError, match=r"gray \+ alpha, RGB or RGBA, got \(32, 32, 5\)"):
         fg(PROMPT, np.zeros((32, 32, 5), np.uint8), num_inference_steps=1)
     gray = fg(PROMPT, np.full((32, 32, 1), 90, np.uint8), num_inference_steps=1, seed=0).stacks[0]
     assert (gray[0].pixels[..., :3] == 90).all()

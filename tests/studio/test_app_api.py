@@ -190,7 +190,7 @@ def test_import_and_file_validation(client, tmp_path):
     path = formats.save(scene.to_stack(), tmp_path / "scene.ora")
     r = client.predict(handle_file(str(path)), api_name="/import_file")
     assert names(r) == scene.to_stack().names() and info(r)["width"] == 96
-    assert "Notes on the file" not in val(r[STATUS])
+    assert "Notes" not in val(r[STATUS])
 
     import io
     import zipfile
@@ -204,7 +204,7 @@ def test_import_and_file_validation(client, tmp_path):
                                  '<layer name="a" src="a.png"/><layer name="b" src="a.png"/></stack></stack></image>')
         zf.writestr("a.png", px.getvalue())
     r = client.predict(handle_file(str(krita)), api_name="/import_file")
-    assert "Notes on the file: group 'g': its opacity is applied to each of its layers" in val(r[STATUS])
+    assert "Notes: group 'g': its opacity is applied to each of its layers" in val(r[STATUS])
     path = formats.save(scene.to_stack(), tmp_path / "scene.ora")
     client.predict(handle_file(str(path)), api_name="/import_file")
 

@@ -88,6 +88,12 @@ def make_stack(where: str, width, height, metadata=None) -> LayerStack:
         raise FormatError(f"{where}: invalid canvas size {width!r} x {height!r}") from exc
 
 
+def saved_metadata(stack: LayerStack) -> dict:
+    """The stack metadata a file keeps: all but `notes`, which describe this reading (what flattening another
+    tool's file lost, guidance that found nothing) and would be wrong about the file layergen writes."""
+    return {k: v for k, v in stack.metadata.items() if k != "notes"}
+
+
 def dumps_metadata(metadata: dict) -> str:
     """JSON for metadata; non-JSON values (numpy scalars, paths) become strings so saving never fails on them."""
     return json.dumps(metadata, ensure_ascii=False, sort_keys=True, default=_json_default)

@@ -23,7 +23,8 @@ from pathlib import Path
 from ...atomic import atomic_path
 from ...errors import FormatError
 from ..layer import LayerStack
-from ._common import decode_png, dumps_metadata, loads_metadata, make_layer, make_stack, png_bytes
+from ._common import (decode_png, dumps_metadata, loads_metadata, make_layer, make_stack, png_bytes,
+                      saved_metadata)
 
 MIMETYPE = b"image/openraster"
 LAYERGEN_NS = "https://github.com/layergen/layergen/ns/openraster"
@@ -50,8 +51,8 @@ def save(stack: LayerStack, path: Path) -> Path:
     from PIL import Image
 
     root = ET.Element("image", {"version": "0.0.5", "w": str(stack.width), "h": str(stack.height)})
-    if stack.metadata:
-        root.set(META, dumps_metadata(stack.metadata))
+    if saved_metadata(stack):
+        root.set(META, dumps_metadata(saved_metadata(stack)))
     top = ET.SubElement(root, "stack")
     files = []
     for i, layer in reversed(list(enumerate(stack.layers))):  # ORA lists the top layer first

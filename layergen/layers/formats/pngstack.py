@@ -19,7 +19,7 @@ from pathlib import Path
 from ...atomic import atomic_dir, atomic_path
 from ...errors import FormatError
 from ..layer import LayerStack
-from ._common import decode_png, dumps_metadata, make_layer, make_stack, png_bytes, slug
+from ._common import decode_png, dumps_metadata, make_layer, make_stack, png_bytes, saved_metadata, slug
 
 MANIFEST = "stack.json"
 FORMAT_ID = "layergen.png-stack"
@@ -40,7 +40,7 @@ def _entries(stack: LayerStack) -> list[tuple[str, bytes]]:
             "visible": layer.visible, "metadata": json.loads(dumps_metadata(layer.metadata)),
         })
     manifest = {"format": FORMAT_ID, "version": VERSION, "width": stack.width, "height": stack.height,
-                "metadata": json.loads(dumps_metadata(stack.metadata)), "layers": layers}
+                "metadata": json.loads(dumps_metadata(saved_metadata(stack))), "layers": layers}
     files.append((MANIFEST, (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8")))
     return files
 
@@ -54,8 +54,10 @@ def save_dir(stack: LayerStack, path: Path) -> Path:
         if not (path / MANIFEST).is_file():
             raise FormatError(f"{path}: folder is not empty and is not a PNG stack (no {MANIFEST}); refusing to "
                               "replace it")
+        ours = _listed_files(path / MANIFEST)
         foreign = sorted(p.name + "/" * p.is_dir() for p in path.iterdir()
-                         if p.name != MANIFEST and not (p.is_file() and _LAYER_FILE.fullmatch(p.name)))
+                         if p.name != MANIFEST and not p.name.startswith(".")  # .DS_Store and the like
+                         and not (p.is_file() and (_LAYER_FILE.fullmatch(p.name) or p.name in ours)))
         if foreign:
             raise FormatError(f"{path}: the stack folder also holds {', '.join(foreign[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''}, which replacing it would delete; "
@@ -64,6 +66,15 @@ def save_dir(stack: LayerStack, path: Path) -> Path:
         for name, data in _entries(stack):
             (tmp / name).write_bytes(data)
     return path
+
+
+def _listed_files(manifest: Path) -> set[str]:
+    """The layer files a stack folder's manifest lists (a hand-written one may name them anything)."""
+    try:
+        layers = json.loads(manifest.read_text("utf-8")).get("layers", [])
+        return {e["file"] for e in layers if isinstance(e, dict) and isinstance(e.get("file"), str)}
+    except (OSError, ValueError, AttributeError):
+        return set()
 
 
 def save_zip(stack: LayerStack, path: Path) -> Path:

@@ -30,7 +30,7 @@ import numpy as np
 from ...atomic import atomic_path
 from ...errors import FormatError, LayerError
 from ..layer import LayerStack
-from ._common import dumps_metadata, make_layer, make_stack
+from ._common import dumps_metadata, make_layer, make_stack, saved_metadata
 
 PSD_MAX_SIDE = 30000
 XMP_NS = "https://github.com/layergen/layergen/ns/psd"
@@ -49,7 +49,8 @@ def _blend_maps():
 
 
 def _xmp(stack: LayerStack) -> bytes:
-    data = {"metadata": stack.metadata, "layers": [{"name": l.name, "metadata": l.metadata} for l in stack.layers]}
+    layers = [{"name": l.name, "metadata": l.metadata} for l in stack.layers]
+    data = {"metadata": saved_metadata(stack), "layers": layers}
     value = html.escape(dumps_metadata(data), quote=True)
     return (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
