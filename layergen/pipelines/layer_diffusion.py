@@ -244,12 +244,8 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
         for name, v in (("height", height), ("width", width)):
             if not _is_int(v) or v < f or v > 4096:
                 raise LayergenError(f"{name} must be an integer in [{f}, 4096], got {v!r}")
-        most = int(self.scheduler.config.num_train_timesteps)
-        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= most:
-            raise LayergenError(f"num_inference_steps must be an integer in [1, {most}] (the scheduler's training "
-                                f"timesteps), got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, numbers.Real) or not np.isfinite(guidance_scale):
-            raise LayergenError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        check_steps(self.scheduler, num_inference_steps)
+        check_guidance(guidance_scale)
         if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise LayergenError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
@@ -259,13 +255,21 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
         if isinstance(generator, list) and len(generator) != n:
             raise LayergenError(f"got {len(generator)} generators for {n} images (prompts x num_images_per_prompt); "
                                 "pass one per image, or one")
-        if output_type not in self.output_types:
-            raise LayergenError(f"output_type must be one of {', '.join(map(repr, self.output_types))}, "
-                                f"got {output_type!r}")
+        self.check_output_type(output_type)
         bad = [k for k in (callback_on_step_end_tensor_inputs or []) if k not in self._callback_tensor_inputs]
         if bad:
             raise LayergenError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")
         return int(height), int(width)
+
+    def check_output_type(self, output_type) -> None:
+        if output_type not in self.output_types:
+            raise LayergenError(f"output_type must be one of {', '.join(map(repr, self.output_types))}, "
+                                f"got {output_type!r}")
+
+    def canvas_size(self, image, height, width) -> tuple:
+        """(height, width): the given ones, else those of the condition `image`, else the model's default."""
+        w, h = image_size(image) or (self.default_size(), self.default_size())
+        return (h if height is None else height), (w if width is None else width)
 
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
@@ -436,6 +440,19 @@ def _dtype_kwargs(dtype) -> dict:
     from packaging.version import Version
 
     return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
+def check_steps(scheduler, steps) -> None:
+    """A step count the scheduler can run: diffusers' schedulers index past their training timesteps."""
+    most = int(scheduler.config.num_train_timesteps)
+    if not _is_int(steps) or not 1 <= steps <= most:
+        raise LayergenError(f"num_inference_steps must be an integer in [1, {most}] (the scheduler's training "
+                            f"timesteps), got {steps!r}")
+
+
+def check_guidance(guidance_scale) -> None:
+    if not isinstance(guidance_scale, numbers.Real) or not np.isfinite(guidance_scale):
+        raise LayergenError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
 
 
 def _is_int(value) -> bool:

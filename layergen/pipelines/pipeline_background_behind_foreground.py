@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..layers import Layer, LayerStack
-from .layer_diffusion import (TASK_BACKGROUND_BEHIND_FOREGROUND, LayerDiffusionPipelineBase, image_size,
+from .layer_diffusion import (TASK_BACKGROUND_BEHIND_FOREGROUND, LayerDiffusionPipelineBase,
                               make_generator_list, to_rgba_tensor)
 
 
@@ -25,12 +25,9 @@ class BackgroundBehindForegroundPipeline(LayerDiffusionPipelineBase):
                  callback_on_step_end_tensor_inputs=("latents",), cross_attention_kwargs: dict | None = None):
         """`foreground`: RGBA PIL image / uint8 array / Layer (alpha is what matters), resized to the canvas."""
         fg_layer = foreground if isinstance(foreground, Layer) else None
-        size = image_size(foreground)
-        width = (size[0] if size else self.default_size()) if width is None else width
-        height = (size[1] if size else self.default_size()) if height is None else height
-        height, width = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
-                                          callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
-                                          output_type)
+        height, width = self.check_inputs(
+            prompt, *self.canvas_size(foreground, height, width), num_inference_steps, guidance_scale,
+            callback_on_step_end_tensor_inputs, num_images_per_prompt, generator, output_type)
         self._cross_attention_kwargs = cross_attention_kwargs
         fg = to_rgba_tensor(foreground, height, width)
         f = self.vae_scale_factor

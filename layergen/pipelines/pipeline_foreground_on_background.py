@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..layers import Layer, LayerStack
-from .layer_diffusion import (TASK_FOREGROUND_ON_BACKGROUND, LayerDiffusionPipelineBase, image_size,
+from .layer_diffusion import (TASK_FOREGROUND_ON_BACKGROUND, LayerDiffusionPipelineBase,
                               make_generator_list, to_rgba_tensor)
 
 
@@ -24,12 +24,9 @@ class ForegroundOnBackgroundPipeline(LayerDiffusionPipelineBase):
                  tta: bool = True, output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), cross_attention_kwargs: dict | None = None):
         """`background`: PIL image / uint8 array / Layer, resized to the canvas (default: its own size)."""
-        bg_size = image_size(background)
-        width = (bg_size[0] if bg_size else self.default_size()) if width is None else width
-        height = (bg_size[1] if bg_size else self.default_size()) if height is None else height
-        height, width = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale,
-                                          callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
-                                          output_type)
+        height, width = self.check_inputs(
+            prompt, *self.canvas_size(background, height, width), num_inference_steps, guidance_scale,
+            callback_on_step_end_tensor_inputs, num_images_per_prompt, generator, output_type)
         self._cross_attention_kwargs = cross_attention_kwargs
         bg = to_rgba_tensor(background, height, width)
         f = self.vae_scale_factor

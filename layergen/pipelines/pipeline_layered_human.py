@@ -37,7 +37,7 @@ from ..models.triplane import TriplaneDecoder, grid_points
 from ..models.triplane_unet import LayeredTriplaneUNet
 from ..models.volume_renderer import VolumeRenderer, intrinsics, orbit_cameras
 from ..seeds import generator
-from .layer_diffusion import _is_int, scheduler_step_kwargs
+from .layer_diffusion import _is_int, check_steps, scheduler_step_kwargs
 
 # density at which a render step of REF_STEP is half opaque: the iso-level of exported meshes
 SURFACE_DENSITY = float(np.log(2.0) / REF_STEP)
@@ -141,9 +141,7 @@ class LayeredHumanPipeline(DiffusionPipeline):
         by construction and floaters off the body are dropped. False = raw tri-plane layers.
         """
         names = parse_layers(layers)
-        most = int(self.scheduler.config.num_train_timesteps)
-        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= most:
-            raise LayergenError(f"num_inference_steps must be an integer in [1, {most}], got {num_inference_steps!r}")
+        check_steps(self.scheduler, num_inference_steps)
         for k in callback_on_step_end_tensor_inputs:
             if k not in self._callback_tensor_inputs:
                 raise LayergenError(f"callback tensor {k!r} not available; choose from {self._callback_tensor_inputs}")

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import re
-import numbers
 import secrets
 from dataclasses import asdict, dataclass, fields
 
@@ -63,7 +62,8 @@ from ..layers.compositing import composite_layers
 from ..layout import Box, Layout
 from ..seeds import check_seed
 from .layer_diffusion import (TASK_BACKGROUND_BEHIND_FOREGROUND, TASK_FOREGROUND_ON_BACKGROUND,
-                              LayerDiffusionPipelineBase, _is_int, scheduler_step_kwargs, to_rgba_tensor)
+                              LayerDiffusionPipelineBase, _is_int, check_guidance, check_steps,
+                              scheduler_step_kwargs, to_rgba_tensor)
 
 ATTENTION_MODES = ("region", "full")
 BOX_FITS = ("crop", "scale")
@@ -476,16 +476,11 @@ class MultiLayerPipeline(LayerDiffusionPipelineBase):
         return self.decode_opaque(lat, height, width)[0]
 
     def _check(self, steps, guidance_scale, max_batch, output_type):
-        most = int(self.scheduler.config.num_train_timesteps)
-        if not _is_int(steps) or not 1 <= steps <= most:
-            raise LayergenError(f"num_inference_steps must be an integer in [1, {most}], got {steps!r}")
-        if not isinstance(guidance_scale, numbers.Real) or not np.isfinite(guidance_scale):
-            raise LayergenError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        check_steps(self.scheduler, steps)
+        check_guidance(guidance_scale)
         if not _is_int(max_batch) or max_batch < 1:
             raise LayergenError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if output_type not in self.output_types:
-            raise LayergenError(f"output_type must be one of {', '.join(map(repr, self.output_types))}, "
-                                f"got {output_type!r}")
+        self.check_output_type(output_type)
 
     @staticmethod
     def _resolve_seed(seed, generator) -> int:

@@ -31,9 +31,8 @@ class TransparentLayerPipeline(LayerDiffusionPipelineBase):
         """`seed` is a convenience for `generator` (image k of a batch uses seed + k).
         `output_type`: "pil" (RGBA images), "np", "latent" or "stack"."""
         height, width = self.check_inputs(
-            prompt, self.default_size() if height is None else height, self.default_size() if width is None else width,
-            num_inference_steps, guidance_scale, callback_on_step_end_tensor_inputs, num_images_per_prompt, generator,
-            output_type)
+            prompt, *self.canvas_size(None, height, width), num_inference_steps, guidance_scale,
+            callback_on_step_end_tensor_inputs, num_images_per_prompt, generator, output_type)
         self._cross_attention_kwargs = cross_attention_kwargs
         n = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         generator = make_generator_list(generator, seed, n)

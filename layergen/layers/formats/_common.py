@@ -88,6 +88,12 @@ def make_stack(where: str, width, height, metadata=None) -> LayerStack:
         raise FormatError(f"{where}: invalid canvas size {width!r} x {height!r}") from exc
 
 
+def faded_group_note(name: str) -> str:
+    """What flattening a faded group of several layers changes (PSD and ORA alike)."""
+    return (f"group {name!r}: its opacity is applied to each of its layers, so where they overlap the lower ones "
+            "show through")
+
+
 def saved_metadata(stack: LayerStack) -> dict:
     """The stack metadata a file keeps: all but `notes`, which describe this reading (what flattening another
     tool's file lost, guidance that found nothing) and would be wrong about the file layergen writes."""

@@ -23,8 +23,8 @@ from pathlib import Path
 from ...atomic import atomic_path
 from ...errors import FormatError
 from ..layer import LayerStack
-from ._common import (decode_png, dumps_metadata, loads_metadata, make_layer, make_stack, png_bytes,
-                      saved_metadata)
+from ._common import (decode_png, dumps_metadata, faded_group_note, loads_metadata, make_layer, make_stack,
+                      png_bytes, saved_metadata)
 
 MIMETYPE = b"image/openraster"
 LAYERGEN_NS = "https://github.com/layergen/layergen/ns/openraster"
@@ -51,8 +51,9 @@ def save(stack: LayerStack, path: Path) -> Path:
     from PIL import Image
 
     root = ET.Element("image", {"version": "0.0.5", "w": str(stack.width), "h": str(stack.height)})
-    if saved_metadata(stack):
-        root.set(META, dumps_metadata(saved_metadata(stack)))
+    metadata = saved_metadata(stack)
+    if metadata:
+        root.set(META, dumps_metadata(metadata))
     top = ET.SubElement(root, "stack")
     files = []
     for i, layer in reversed(list(enumerate(stack.layers))):  # ORA lists the top layer first
@@ -172,8 +173,7 @@ def _walk(stack_el, read, where, out, notes, x0, y0, opacity, visible, group):
             if op != "svg:src-over":
                 notes.append(f"group {name!r}: composite-op {op} ignored (group flattened)")
             if own_opacity < 1 and len(el) > 1:
-                notes.append(f"group {name!r}: its opacity is applied to each of its layers, so where they overlap "
-                             "the lower ones show through")
+                notes.append(faded_group_note(name))
             _walk(el, read, where, out, notes, x, y, opacity * own_opacity, el_visible, group + [name])
             continue
         if el.tag != "layer":

@@ -30,7 +30,7 @@ import numpy as np
 from ...atomic import atomic_path
 from ...errors import FormatError, LayerError
 from ..layer import LayerStack
-from ._common import dumps_metadata, make_layer, make_stack, saved_metadata
+from ._common import dumps_metadata, faded_group_note, make_layer, make_stack, saved_metadata
 
 PSD_MAX_SIDE = 30000
 XMP_NS = "https://github.com/layergen/layergen/ns/psd"
@@ -173,8 +173,7 @@ def _walk(group_el, stack, where, notes, visible, opacity, group):
             if pl.blend_mode not in (BlendMode.PASS_THROUGH, BlendMode.NORMAL):
                 notes.append(f"group {name!r}: blend mode {pl.blend_mode.name.lower()} ignored (group flattened)")
             if pl.opacity < 255 and len(pl) > 1:
-                notes.append(f"group {name!r}: its opacity is applied to each of its layers, so where they "
-                             "overlap the lower ones show through")
+                notes.append(faded_group_note(name))
             _walk(pl, stack, where, notes, pl_visible, pl_opacity, group + [name])
             continue
         if isinstance(pl, AdjustmentLayer):
