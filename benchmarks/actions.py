@@ -86,6 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--exemplar_species", choices=["distinct", "same"], default="distinct",
                    help="distinct: the 4 exemplars are 4 species; same: all one species (per action), the setting "
                         "where an identifier is tempted to learn the subject too")
+    p.add_argument("--exemplar_background", choices=["distinct", "same"], default="distinct",
+                   help="same: all exemplars of an action in one background (per action), and the unseen subjects "
+                        "in the other four, so an identifier that carries that background along shows as a "
+                        "background error")
     p.add_argument("--identifier_steps", type=float, default=DEFAULT_IDENTIFIER_STEPS,
                    help="fraction of denoising steps in which every method's identifier acts (ActionPipeline)")
     p.add_argument("--extra", default="", help="Extra training flags for every identifier method (quoted).")
@@ -107,9 +111,11 @@ def parse_args(argv=None):
     return args
 
 
-def unseen_subjects(exemplars, n, seed):
-    """n (species, colour, background) with species x colour not among the exemplars', species balanced."""
+def unseen_subjects(exemplars, n, seed, avoid_background: str | None = None):
+    """n (species, colour, background) with species x colour not among the exemplars', species balanced;
+    `avoid_background`: draw the backgrounds from the other ones."""
     rng = np.random.default_rng([seed, 5])
+    backgrounds = [b for b in FIGURE_BACKGROUNDS if b != avoid_background]
     used = {(e["species"], e["colour"]) for e in exemplars}
     pool = [(s, c) for s in SPECIES for c in FIGURE_COLOURS if (s, c) not in used]
     by_species = {s: [p for p in pool if p[0] == s] for s in SPECIES}
@@ -119,7 +125,7 @@ def unseen_subjects(exemplars, n, seed):
     while len(out) < n:
         s = SPECIES[k % len(SPECIES)]
         pair = by_species[s][(k // len(SPECIES)) % len(by_species[s])]
-        out.append((*pair, list(FIGURE_BACKGROUNDS)[int(rng.integers(len(FIGURE_BACKGROUNDS)))]))
+        out.append((*pair, backgrounds[int(rng.integers(len(backgrounds)))]))
         k += 1
     return out
 
@@ -138,7 +144,8 @@ def identifier_cache_path(args, action: str, method: str, train_args) -> Path | 
     if not args.identifier_dir:
         return None
     config = {k: v for k, v in vars(train_args).items() if k not in ("output_dir", "output")}
-    key = hashlib.sha1(json.dumps([config, str(args.model), args.exemplar_species], sort_keys=True,
+    exemplars = [args.exemplar_species] + ([] if args.exemplar_background == "distinct" else ["one background"])
+    key = hashlib.sha1(json.dumps([config, str(args.model), *exemplars], sort_keys=True,
                                   default=str).encode())
     return Path(args.identifier_dir) / f"{action}-{method}-{key.hexdigest()[:10]}.safetensors"
 
@@ -313,6 +320,10 @@ def build_report(config: dict, identifier_training: dict, classifiers: dict, per
 MERGE_FREE = ("seed", "methods", "identifier_dir", "quick")
 
 
+# config keys added after runs were saved without them, with the value those runs had
+CONFIG_ADDED = {"exemplar_background": "distinct"}  # session 18
+
+
 def merge_reports(reports: list[dict]) -> dict:
     """One report from several runs of the same benchmark config: other seeds (e.g. added by a later session), or
     other methods on the same seeds. Per-seed, image-by-image results are pooled; the report keeps the methods that
@@ -325,7 +336,8 @@ def merge_reports(reports: list[dict]) -> dict:
 
     def compared(report, key):
         free = MERGE_FREE if key == "config" else ()
-        return {k: v for k, v in report[key].items()
+        values = {**CONFIG_ADDED, **report[key]} if key == "config" else report[key]
+        return {k: v for k, v in values.items()
                 if k not in free and (key != "classifiers" or k in judges)}
 
     for r in reports[1:]:
@@ -358,12 +370,14 @@ def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf, scene_clf=No
     grids = {}
     for a_idx, action in enumerate(args.actions):
         one = SPECIES[a_idx % len(SPECIES)] if args.exemplar_species == "same" else None
+        place = list(FIGURE_BACKGROUNDS)[a_idx % len(FIGURE_BACKGROUNDS)] if args.exemplar_background == "same" \
+            else None
         ex = exemplar_set(action, args.num_exemplars, seed=HELDOUT_SEED_START + 1000 * a_idx,
-                          size=pipe.default_size(), species=one)
+                          size=pipe.default_size(), species=one, background=place)
         exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", **s.metadata()}
                      for k, s in enumerate(ex)]
         ex_subjects = {(e["species"], e["colour"]) for e in exemplars}
-        subjects = unseen_subjects(exemplars, args.num_images, seed + a_idx)
+        subjects = unseen_subjects(exemplars, args.num_images, seed + a_idx, avoid_background=place)
         captions = [subject_caption(*s) for s in subjects]
         grids[action] = {}
         for method in args.methods:

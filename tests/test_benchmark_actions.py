@@ -44,6 +44,16 @@ def test_score_per_image_actions(bench):
     assert bench.score(images, subjects, set(), "run", pose, subj)["action_acc"] == 0.5
 
 
+def test_unseen_subjects_can_avoid_the_exemplars_background(bench):
+    exemplars = [{"species": "cat", "colour": "red"}, {"species": "bird", "colour": "blue"}]
+    subjects = bench.unseen_subjects(exemplars, 40, seed=3)
+    assert {s[2] for s in subjects} == set(bench.FIGURE_BACKGROUNDS)
+    away = bench.unseen_subjects(exemplars, 40, seed=3, avoid_background="snow")
+    assert "snow" not in {s[2] for s in away} and len({s[2] for s in away}) == 4
+    assert [s[:2] for s in away] == [s[:2] for s in subjects]  # the same subjects, only the place moves
+    assert not {s[:2] for s in away} & {("cat", "red"), ("bird", "blue")}
+
+
 def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
     trainer = bench.training_script()
 
@@ -61,6 +71,8 @@ def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
     assert bench.identifier_cache_path(args, "jump", "adi", moved) == path
     same = bench.parse_args(["--identifier_dir", str(tmp_path), "--exemplar_species", "same"])
     assert bench.identifier_cache_path(same, "jump", "adi", parsed("--steps", "300")) != path
+    one_place = bench.parse_args(["--identifier_dir", str(tmp_path), "--exemplar_background", "same"])
+    assert bench.identifier_cache_path(one_place, "jump", "adi", parsed("--steps", "300")) not in (path, None)
     assert bench.identifier_cache_path(bench.parse_args([]), "jump", "adi", parsed("--steps", "300")) is None
     new_default = parsed("--steps", "300")  # the training script's default changed, the benchmark's flags did not
     new_default.mask_momentum = 0.5
@@ -176,6 +188,10 @@ def test_merge_refuses_other_configs_and_repeated_seeds(bench):
         bench.merge_reports([_report(bench, [0]), _report(bench, [1], identifier_steps=1.0)])
     with pytest.raises(ValueError, match="seed 0 of adi is in more than one run"):
         bench.merge_reports([_report(bench, [0]), _report(bench, [0, 1])])
+    with pytest.raises(ValueError, match="differ in config.*exemplar_background"):
+        bench.merge_reports([_report(bench, [0]), _report(bench, [1], exemplar_background="same")])
+    # runs saved before the flag existed had distinct backgrounds
+    assert bench.merge_reports([_report(bench, [0]), _report(bench, [1], exemplar_background="distinct")])
     other = _report(bench, [1])
     other["identifier_training"]["learning_rate"] = 0.02
     with pytest.raises(ValueError, match="differ in identifier_training"):

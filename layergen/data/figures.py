@@ -385,13 +385,18 @@ def training_caption(sample: FigureSample, rng: np.random.Generator, action_word
 
 
 def exemplar_set(action: str, num: int = 4, seed: int = HELDOUT_SEED_START, size: int = 128,
-                 distinct_species: bool = True, species: str | None = None) -> list[FigureSample]:
+                 distinct_species: bool = True, species: str | None = None,
+                 background: str | None = None) -> list[FigureSample]:
     """`num` figures doing `action`, with different subjects and backgrounds (ADI exemplars).
 
     `species` makes every exemplar that species (colours and backgrounds still differ): the
-    setting where an identifier is most tempted to learn the subject along with the action."""
+    setting where an identifier is most tempted to learn the subject along with the action.
+    `background` puts every exemplar in that background (exemplars shot in one place): the context
+    an identifier may carry along instead. Everything else is drawn as without it."""
     if species is not None and species not in SPECIES:
         raise ValueError(f"unknown species {species!r}; choose from {', '.join(SPECIES)}")
+    if background is not None and background not in FIGURE_BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; choose from {', '.join(FIGURE_BACKGROUNDS)}")
     if species is not None and num > len(FIGURE_COLOURS):
         raise ValueError(f"at most {len(FIGURE_COLOURS)} exemplars of one species (one per colour), got {num}")
     rng = np.random.default_rng([int(seed), 97])
@@ -409,6 +414,7 @@ def exemplar_set(action: str, num: int = 4, seed: int = HELDOUT_SEED_START, size
             continue
         used.add((sp, col))
         bg = bgs[(len(out) + int(rng.integers(len(bgs)))) % len(bgs)]
+        bg = bg if background is None else background
         out.append(render_figure(sp, col, bg, action, size, np.random.default_rng([int(seed), 7, k]),
                                  seed=int(seed) * 100 + k))
         k += 1

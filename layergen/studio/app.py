@@ -43,6 +43,7 @@ CONDITION_CHOICES = [
 BOX_HEADERS = ["x0", "y0", "x1", "y1", "prompt"]
 MAX_SEED = 2**31 - 1
 STATE_TTL_S = 6 * 3600
+BUSY_WAIT_S = 2.0  # an edit waits this long for the one before it (quick edits), then is refused as busy
 MAX_SESSIONS = 200  # documents kept in memory at once (oldest dropped first)
 
 
@@ -203,6 +204,21 @@ def _status(doc: Document) -> str:
     return status
 
 
+@contextlib.contextmanager
+def holding(doc: Document, doing: str):
+    """Hold the document for one event. If another event holds it for longer than a quick edit takes (a
+    generation), refuse rather than wait: a queued edit would apply to whatever that generation selected."""
+    if not doc.lock.acquire(timeout=BUSY_WAIT_S):
+        raise LayerError(f"the document is busy ({doc.running or 'another edit'}): nothing was changed; "
+                         "try again when it has finished")
+    try:
+        doc.running = doing
+        yield
+    finally:
+        doc.running = None
+        doc.lock.release()
+
+
 @dataclass
 class StudioContext:
     """What a tab builder needs: the per-session document and the panel that re-renders it."""
@@ -220,19 +236,22 @@ class StudioContext:
     def render(self, doc: Document) -> tuple:
         return (doc,) + render_panel(doc)
 
-    def action(self, fn: Callable) -> Callable:
-        """Wrap `fn(doc, *inputs)` (which edits `doc`) into a handler returning `(doc, *panel)` for `outputs`."""
+    def action(self, fn: Callable, doing: str = "another edit") -> Callable:
+        """Wrap `fn(doc, *inputs)` (which edits `doc`) into a handler returning `(doc, *panel)` for `outputs`.
+
+        One event edits a document at a time. An edit made while a generation (`doing`) runs is refused, not
+        queued: queued, it would wait for the generation and then apply to the layer that generation selected."""
 
         @functools.wraps(fn)
         def handler(doc, *args, **kwargs):
-            with doc.lock:  # a click during a generation waits instead of editing a half-changed stack
-                try:
+            try:
+                with holding(doc, doing):
                     fn(doc, *args, **kwargs)
-                except gr.Error:
-                    raise
-                except LayergenError as exc:
-                    raise gr.Error(str(exc), print_exception=False) from None
-                return self.render(doc)
+                    return self.render(doc)
+            except gr.Error:
+                raise
+            except LayergenError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
 
         return handler
 
@@ -497,9 +516,9 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
             except (TypeError, ValueError):
                 return gr.Number()
 
-        gen_evt = gen_btn.click(act(generate), [doc, prompt, seed, condition], outputs, **on_status,
+        gen_evt = gen_btn.click(act(generate, "generating a layer"), [doc, prompt, seed, condition], outputs, **on_status,
                                 api_name="generate", **model)
-        prompt.submit(act(generate), [doc, prompt, seed, condition], outputs, **on_status, api_name=False, **model) \
+        prompt.submit(act(generate, "generating a layer"), [doc, prompt, seed, condition], outputs, **on_status, api_name=False, **model) \
             .success(bump_seed, [seed, next_seed], [seed], api_name=False, queue=False)
         gen_evt.success(bump_seed, [seed, next_seed], [seed], api_name=False, queue=False)
 
@@ -521,7 +540,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 if layers:
                     d.add_layers(layers)
 
-        lay_btn.click(act(generate_layout), [doc, lay_prompt, lay_boxes, lay_seed, lay_background], outputs,
+        lay_btn.click(act(generate_layout, "generating layers"), [doc, lay_prompt, lay_boxes, lay_seed, lay_background], outputs,
                       **on_status, api_name="generate_layout", **model)
 
         def sketch_to_table(d: Document, sketch, table):
@@ -546,7 +565,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
             new = backends.repaint(d.stack.copy(), i, text, s)
             d.replace_pixels(i, new, label="Repaint layer")
 
-        rep_btn.click(act(repaint), [doc, rep_prompt, rep_seed], outputs, **on_status, api_name="repaint", **model)
+        rep_btn.click(act(repaint, "repainting a layer"), [doc, rep_prompt, rep_seed], outputs, **on_status, api_name="repaint", **model)
 
         # -- decompose ------------------------------------------------------------------------
         def decompose(d: Document, image, boxes, progress=gr.Progress(track_tqdm=True)):
@@ -558,7 +577,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 raise LayerError("the decomposition produced no layers")
             d.replace_stack(stack, label="Decompose image")
 
-        dec_btn.click(act(decompose), [doc, dec_image, dec_boxes], outputs, **on_status, api_name="decompose", **model)
+        dec_btn.click(act(decompose, "decomposing an image"), [doc, dec_image, dec_boxes], outputs, **on_status, api_name="decompose", **model)
 
         def dec_backdrop(image):
             if image is None:
@@ -585,7 +604,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
             progress(0, desc="Reading file")
             d.import_file(path, max_bytes=max_upload_bytes)
 
-        imp_btn.click(act(import_file), [doc, imp_file], outputs, **on_status, api_name="import_file")
+        imp_btn.click(act(import_file, "importing a file"), [doc, imp_file], outputs, **on_status, api_name="import_file")
 
         @_user_errors
         def export(d: Document, format, progress=gr.Progress()):
@@ -594,7 +613,7 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 raise LayerError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
             ext, name_fmt = EXPORT_FORMATS[fmt]
             progress(0, desc=f"Writing {ext}")
-            with d.lock:
+            with holding(d, "exporting"):
                 return str(d.export(exports.new_dir() / f"layergen-studio{ext}", format=name_fmt))
 
         exp_btn.click(export, [doc, exp_format], [exp_file], api_name="export")

@@ -107,6 +107,7 @@ class Document:
         self._depth = 0
         self.last_action = "New document"
         self.lock = threading.RLock()  # the app holds it for a whole event: one edit at a time per document
+        self.running: str | None = None  # what the event holding the lock is doing ("generating a layer")
 
     def __deepcopy__(self, memo):
         """Deep copy without the lock (gr.State deep-copies the initial document for every session)."""

@@ -101,6 +101,9 @@ def front_view_layer(files: dict, layer: str):
     return Layer(pixels, name=f"human {layer} (front)")
 
 
+ADDED_MARK = "Added"
+
+
 def human_tab(backend: HumanBackend | None = None):
     """`(title, builder)` for `build_app(extra_tabs=...)`."""
     backend = backend or HumanBackend()
@@ -177,7 +180,16 @@ def human_tab(backend: HumanBackend | None = None):
                      api_name="generate_human", concurrency_id="model", concurrency_limit=1,
                      show_progress_on=[summary])  # progress and error badges there, not over the 3D view
         shown.input(on_show, [files_state, shown], [model3d, turntable], api_name="show_human_layer")
-        add_btn.click(ctx.action(add_front), [ctx.doc, files_state, shown], ctx.outputs, **ctx.on_status,
-                      api_name="add_human_view")
+        add_to_doc = ctx.action(add_front)
+
+        def add_and_say(doc, files, layer, text):
+            """The user is on this tab, not on the Layers tab whose status line says what changed: say it here
+            too (progress and error badges likewise)."""
+            panel = add_to_doc(doc, files, layer)
+            said = (text or "").split(ADDED_MARK)[0].rstrip()
+            return (*panel, f"{said}\n\n{ADDED_MARK} the {layer} front view as a new layer (Layers tab).")
+
+        add_btn.click(add_and_say, [ctx.doc, files_state, shown, summary], [*ctx.outputs, summary],
+                      show_progress_on=[summary], api_name="add_human_view")
 
     return TAB_TITLE, build

@@ -76,6 +76,12 @@ def test_exemplars_and_contrast_sets():
     assert {e.species for e in cats} == {"cat"} and len({e.colour for e in cats}) == 4
     with pytest.raises(ValueError, match="unknown species"):
         exemplar_set("kick", 4, species="dog")
+    snowy = exemplar_set("kick", 4, background="snow")
+    assert {e.background for e in snowy} == {"snow"} and len({e.background for e in ex}) > 1
+    # only the place changes: the same subjects as without it
+    assert [e.subject for e in snowy] == [e.subject for e in ex]
+    with pytest.raises(ValueError, match="unknown background"):
+        exemplar_set("kick", 4, background="moon")
     c = contrast_set(ex[0].species, ex[0].colour, ex[0].background, "kick", num=3)
     assert len(c) == 3 and len({s.action for s in c}) == 3
     assert all(s.subject == ex[0].subject and s.background == ex[0].background and s.action in SEEN_ACTIONS

@@ -244,3 +244,42 @@ def test_user_errors_are_one_line_messages(client):
         text = str(err.value)
         assert match in text and "Traceback" not in text, (api, text)
     assert info(client.predict(api_name="/refresh"))["layers"] == []
+
+
+def test_an_edit_during_a_generation_is_refused_not_applied_to_the_new_layer(tmp_path, monkeypatch):
+    """Queued behind a generation, an opacity change would wait and then land on the layer the generation
+    selected: it is refused instead, naming what runs, and the document is unchanged by it."""
+    import threading
+
+    from gradio_client import Client
+
+    from layergen.studio.app import launch
+    from layergen.studio.backends import ProceduralBackend
+
+    started, release = threading.Event(), threading.Event()
+
+    class SlowBackend(ProceduralBackend):
+        def generate_layer(self, *args, **kwargs):
+            if kwargs.get("condition") is None and args[0] == "a blue ring":
+                started.set()
+                release.wait(30)
+            return super().generate_layer(*args, **kwargs)
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo, url = launch(SlowBackend(), prevent_thread_lock=True, quiet=True, extra_tabs=[])
+    try:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+        client.predict("a red star", 0, "none", api_name="/generate")
+        job = client.submit("a blue ring", 1, "none", api_name="/generate")
+        assert started.wait(30)
+        with pytest.raises(AppError, match=r"busy \(generating a layer\): nothing was changed"):
+            client.predict(40, api_name="/set_opacity")
+        release.set()
+        r = job.result(timeout=60)
+        assert names(r) == ["red star", "blue ring"]
+        assert [l["opacity"] for l in info(r)["layers"]] == [1.0, 1.0]
+        r = client.predict(40, api_name="/set_opacity")  # once it has finished, edits work again
+        assert [l["opacity"] for l in info(r)["layers"]] == [1.0, pytest.approx(0.4)]
+    finally:
+        release.set()
+        demo.close()

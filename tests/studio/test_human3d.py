@@ -106,9 +106,13 @@ def test_tab_through_the_api(served):
     assert "3 layers, seed 5" in text and "shoes (" in text
     body_mesh, body_gif = served.predict("body", api_name="/show_human_layer")
     assert body_mesh.endswith(".glb") and body_mesh != mesh
-    r = served.predict("body", api_name="/add_human_view")  # the body's front view into the 2D document
+    r = served.predict("body", text, api_name="/add_human_view")  # the body's front view into the 2D document
     info = r[10]
     assert [l["name"] for l in info["layers"]] == ["human body (front)"]
+    # the 3D tab says so too (the Layers tab's status line is not on screen), once per click
+    assert r[-1].startswith(text) and r[-1].endswith("Added the body front view as a new layer (Layers tab).")
+    again = served.predict("pants", r[-1], api_name="/add_human_view")
+    assert again[-1].count("Added") == 1 and "pants front view" in again[-1] and again[-1].startswith(text)
     with pytest.raises(AppError, match="tick 'body'"):
         served.predict(["pants"], 1, api_name="/generate_human")
     with pytest.raises(AppError, match="minimum value 0"):  # Gradio checks the Number bounds
