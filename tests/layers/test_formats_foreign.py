@@ -403,3 +403,13 @@ def test_notes_are_not_written_back_and_a_stack_folder_tolerates_hidden_and_list
     (tmp_path / "dir" / ".DS_Store").write_bytes(b"finder")
     save(LayerStack(2, 2, [Layer(rnd(2, 2, 3), "only")]), tmp_path / "dir")
     assert load(tmp_path / "dir").names() == ["only"]
+
+
+@pytest.mark.parametrize("suffix", [".ora", ".psd", ".zip"])
+def test_metadata_no_utf8_or_xml_can_hold_still_round_trips(tmp_path, suffix):
+    """A prompt with a lone surrogate or U+FFFE (pasted from odd sources): ORA wrote a stack.xml nobody could
+    read, PSD and PNG stacks failed with a raw UnicodeEncodeError. JSON escapes store them exactly."""
+    odd = "p\ud800 \ufffe\uffff \\\ufffe \x01 é"
+    stack = LayerStack(2, 2, [Layer(rnd(2, 2, 0), "x", metadata={"prompt": odd, odd: 1})], metadata={"prompt": odd})
+    back = load(save(stack, tmp_path / f"s{suffix}"))
+    assert back.metadata["prompt"] == odd and back.layers[0].metadata == {"prompt": odd, odd: 1}

@@ -102,7 +102,18 @@ def saved_metadata(stack: LayerStack) -> dict:
 
 def dumps_metadata(metadata: dict) -> str:
     """JSON for metadata; non-JSON values (numpy scalars, paths) become strings so saving never fails on them."""
-    return json.dumps(metadata, ensure_ascii=False, sort_keys=True, default=_json_default)
+    return json_text(metadata, sort_keys=True, default=_json_default)
+
+
+# UTF-8 cannot encode a lone surrogate, and XML cannot hold U+FFFE / U+FFFF at all (a prompt pasted from odd
+# sources can carry them); JSON's \u escapes can, and read back as the very same string.
+_UNWRITABLE = re.compile("[\ud800-\udfff\ufffe\uffff]")
+
+
+def json_text(value, **kwargs) -> str:
+    """`json.dumps(value, ensure_ascii=False, **kwargs)` that every file format layergen writes can store."""
+    text = json.dumps(value, ensure_ascii=False, **kwargs)
+    return _UNWRITABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _json_default(value):

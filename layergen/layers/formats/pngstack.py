@@ -19,7 +19,7 @@ from pathlib import Path
 from ...atomic import atomic_dir, atomic_path
 from ...errors import FormatError
 from ..layer import LayerStack
-from ._common import decode_png, dumps_metadata, make_layer, make_stack, png_bytes, saved_metadata, slug
+from ._common import decode_png, dumps_metadata, json_text, make_layer, make_stack, png_bytes, saved_metadata, slug
 
 MANIFEST = "stack.json"
 FORMAT_ID = "layergen.png-stack"
@@ -41,7 +41,7 @@ def _entries(stack: LayerStack) -> list[tuple[str, bytes]]:
         })
     manifest = {"format": FORMAT_ID, "version": VERSION, "width": stack.width, "height": stack.height,
                 "metadata": json.loads(dumps_metadata(saved_metadata(stack))), "layers": layers}
-    files.append((MANIFEST, (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8")))
+    files.append((MANIFEST, (json_text(manifest, indent=2) + "\n").encode("utf-8")))
     return files
 
 
