@@ -12,7 +12,8 @@ HELDOUT_SEED_START + k (`--seed` moves the start) by `TransparentLayerPipeline` 
 Scored by the independent classical analyser `layergen.analysis` (no diffusion model):
 shape accuracy, colour accuracy, alpha cleanliness (fraction of half-transparent pixels away
 from the edges; glass/shadow/glow raise it legitimately), fringe distance of edge pixels over
-black and over white (0-255 units). The `reference` row scores the procedural renderer's own
+black and over white (0-255 units), cut off (share of layers whose body runs into the canvas edge:
+part of the object is missing). The `reference` row scores the procedural renderer's own
 layer for each prompt (what a perfect model would get; it calibrates the analyser). Speed:
 seconds per image (one prompt per call, batch 1), mean over the run, warm-up call excluded.
 
@@ -112,7 +113,7 @@ def score(rgba: np.ndarray, spec: dict) -> dict:
     return {"pred_shape": a.shape, "shape_confidence": a.shape_confidence, "pred_colour": a.colour,
             "shape_ok": a.shape == spec["shape"], "colour_ok": a.colour == spec["colour"],
             "alpha_cleanliness": round(a.alpha_cleanliness, 5), "fringe_black": round(a.fringe_black, 3),
-            "fringe_white": round(a.fringe_white, 3), "coverage": round(a.coverage, 4)}
+            "fringe_white": round(a.fringe_white, 3), "coverage": round(a.coverage, 4), "cut_off": a.cut_off}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -123,7 +124,8 @@ def summarise(rows: list[dict]) -> dict:
            "colour_accuracy": float(np.mean([r["colour_ok"] for r in rows])),
            "alpha_cleanliness": float(np.mean([r["alpha_cleanliness"] for r in rows])),
            "fringe_black": float(np.mean([r["fringe_black"] for r in rows])),
-           "fringe_white": float(np.mean([r["fringe_white"] for r in rows]))}
+           "fringe_white": float(np.mean([r["fringe_white"] for r in rows])),
+           "cut_off": float(np.mean([r["cut_off"] for r in rows]))}
     secs = [r["seconds"] for r in rows if r.get("seconds") is not None]
     if secs:
         out["seconds_per_image"] = float(np.mean(secs))
@@ -200,7 +202,7 @@ def main(argv=None) -> dict:
     cols = [("n", "n", "{:>5d}"), ("shape_accuracy", "shape acc", "{:>10.1%}"),
             ("colour_accuracy", "colour acc", "{:>11.1%}"), ("alpha_cleanliness", "alpha haze", "{:>11.4f}"),
             ("fringe_black", "fringe/black", "{:>13.2f}"), ("fringe_white", "fringe/white", "{:>13.2f}"),
-            ("seconds_per_image", "s/image", "{:>9.2f}")]
+            ("cut_off", "cut off", "{:>9.1%}"), ("seconds_per_image", "s/image", "{:>9.2f}")]
     print(f"{'':<12}" + "".join(f"{title:>{len(fmt.format(0 if key == 'n' else 0.0))}}" for key, title, fmt in cols))
     for name in ("overall", "seen", "unseen", "reference"):
         s = summary[name]
@@ -210,7 +212,8 @@ def main(argv=None) -> dict:
             cells.append(fmt.format(s[key]) if key in s else f"{'-':>{width}}")
         print(f"{name:<12}" + "".join(cells))
     print("(reference = the procedural renderer's own layer for each prompt; alpha haze = fraction of "
-          "half-transparent pixels away from edges; fringe in 0-255 units)")
+          "half-transparent pixels away from edges; fringe in 0-255 units; cut off = the object's body runs into "
+          "the canvas edge, so part of it is missing from the layer)")
     print(f"done bar: shape >= {SHAPE_MIN:.0%}, colour >= {COLOUR_MIN:.0%}, <= {SECONDS_MAX:g} s/image -> "
           + ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in done.items()))
     print(f"wrote {args.output}")

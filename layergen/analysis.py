@@ -396,6 +396,12 @@ def _fringe(px: np.ndarray, mask: np.ndarray, body: np.ndarray | None, band: int
     return out
 
 
+def cut_off(mask: np.ndarray) -> bool:
+    """Whether a body mask runs into the canvas edge, i.e. the layer holds only part of its object."""
+    m = np.asarray(mask, bool)
+    return bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+
+
 # --------------------------------------------------------------------------------------------
 # everything at once
 
@@ -409,6 +415,7 @@ class LayerAnalysis:
     fringe_black: float
     fringe_white: float
     coverage: float  # fraction of the canvas covered by the body
+    cut_off: bool  # the body runs into the canvas edge: part of the object is missing from the layer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -423,9 +430,10 @@ def analyse_layer(rgba, include_extra: bool = True) -> LayerAnalysis:
     return LayerAnalysis(shape=match.shape, shape_confidence=round(match.confidence, 4),
                          colour=NO_OBJECT if body is None else nearest_colour(body),
                          alpha_cleanliness=alpha_cleanliness(px[..., 3]), fringe_black=fringe["black"],
-                         fringe_white=fringe["white"], coverage=float(match.mask.mean()))
+                         fringe_white=fringe["white"], coverage=float(match.mask.mean()),
+                         cut_off=cut_off(match.mask))
 
 
 __all__ = ["LayerAnalysis", "ShapeMatch", "alpha_cleanliness", "analyse_layer", "body_colour", "body_level",
-           "body_mask", "classify_colour", "classify_shape", "edge_band", "fringe_check", "match_shape",
+           "body_mask", "classify_colour", "classify_shape", "cut_off", "edge_band", "fringe_check", "match_shape",
            "nearest_colour", "srgb_to_lab"]

@@ -160,3 +160,13 @@ def test_fringe_check_flags_grey_and_dark_halos_only():
     wider = obj.rgba.copy()
     wider[..., 3] = np.where(edge, np.minimum(255, wider[..., 3].astype(int) + 60), wider[..., 3])
     assert fringe_check(wider)["max"] < 2.0, "an alpha error alone is not a fringe"
+
+
+def test_cut_off_flags_objects_the_canvas_edge_cuts_and_training_layers_never_are():
+    inside = make_object_layer(HELDOUT_SEED_START, shape="star", effect="shadow").rgba
+    assert not analyse_layer(inside).cut_off
+    shifted = np.zeros_like(inside)
+    shifted[:, 40:] = inside[:, :-40]  # the same star pushed 40 px right: its right part leaves the canvas
+    assert analyse_layer(shifted).cut_off
+    # a faint effect tail at the edge is not a cut object; the uncentred training placements fit whole
+    assert not any(analyse_layer(make_object_layer(s, centred=False).rgba).cut_off for s in range(60))

@@ -318,7 +318,8 @@ def _sample_attrs(rng, shape, colour, material, effect, glyph_prob, exclude_held
 def make_object_layer(seed: int, size: int = 128, shape: str | None = None, colour: str | None = None,
                       material: str | None = None, effect: str | None = None, glyph_prob: float = 0.1,
                       centred: bool = True, exclude_heldout: bool = False) -> SceneObject:
-    """One object on a transparent canvas, roughly centred: the text -> layer training sample.
+    """One object on a transparent canvas, roughly centred (`centred=False`: anywhere it fits whole): the
+    text -> layer training sample.
 
     `exclude_heldout` never samples a pair in `HELDOUT_COMBINATIONS` (training sets use it)."""
     size = _check_size(size)
@@ -326,7 +327,9 @@ def make_object_layer(seed: int, size: int = 128, shape: str | None = None, colo
     shape, colour, material, effect = _sample_attrs(rng, shape, colour, material, effect, glyph_prob,
                                                     exclude_heldout)
     r = size * rng.uniform(0.24, 0.36)
-    jitter = 0.08 if centred else 0.3
+    # uncentred: anywhere the whole object fits (with room for its shadow), never cut off by the canvas edge -
+    # a model trained on cut-off layers draws cut-off layers
+    jitter = 0.08 if centred else max(0.0, 0.5 - 1.2 * r / size - 0.02)
     cx = size * (0.5 + rng.uniform(-jitter, jitter))
     cy = size * (0.5 + rng.uniform(-jitter, jitter))
     angle = math.radians(rng.uniform(-15, 15))
