@@ -516,9 +516,10 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
             except (TypeError, ValueError):
                 return gr.Number()
 
-        gen_evt = gen_btn.click(act(generate, "generating a layer"), [doc, prompt, seed, condition], outputs, **on_status,
+        generate_handler = act(generate, "generating a layer")
+        gen_evt = gen_btn.click(generate_handler, [doc, prompt, seed, condition], outputs, **on_status,
                                 api_name="generate", **model)
-        prompt.submit(act(generate, "generating a layer"), [doc, prompt, seed, condition], outputs, **on_status, api_name=False, **model) \
+        prompt.submit(generate_handler, [doc, prompt, seed, condition], outputs, **on_status, api_name=False, **model) \
             .success(bump_seed, [seed, next_seed], [seed], api_name=False, queue=False)
         gen_evt.success(bump_seed, [seed, next_seed], [seed], api_name=False, queue=False)
 
@@ -540,8 +541,8 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 if layers:
                     d.add_layers(layers)
 
-        lay_btn.click(act(generate_layout, "generating layers"), [doc, lay_prompt, lay_boxes, lay_seed, lay_background], outputs,
-                      **on_status, api_name="generate_layout", **model)
+        lay_btn.click(act(generate_layout, "generating layers"), [doc, lay_prompt, lay_boxes, lay_seed, lay_background],
+                      outputs, **on_status, api_name="generate_layout", **model)
 
         def sketch_to_table(d: Document, sketch, table):
             rows = [r for r in _table_rows(table) if any(v not in (None, "") for v in r[:4])]
@@ -565,7 +566,8 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
             new = backends.repaint(d.stack.copy(), i, text, s)
             d.replace_pixels(i, new, label="Repaint layer")
 
-        rep_btn.click(act(repaint, "repainting a layer"), [doc, rep_prompt, rep_seed], outputs, **on_status, api_name="repaint", **model)
+        rep_btn.click(act(repaint, "repainting a layer"), [doc, rep_prompt, rep_seed], outputs, **on_status,
+                      api_name="repaint", **model)
 
         # -- decompose ------------------------------------------------------------------------
         def decompose(d: Document, image, boxes, progress=gr.Progress(track_tqdm=True)):
@@ -577,7 +579,8 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
                 raise LayerError("the decomposition produced no layers")
             d.replace_stack(stack, label="Decompose image")
 
-        dec_btn.click(act(decompose, "decomposing an image"), [doc, dec_image, dec_boxes], outputs, **on_status, api_name="decompose", **model)
+        dec_btn.click(act(decompose, "decomposing an image"), [doc, dec_image, dec_boxes], outputs, **on_status,
+                      api_name="decompose", **model)
 
         def dec_backdrop(image):
             if image is None:
@@ -604,7 +607,8 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
             progress(0, desc="Reading file")
             d.import_file(path, max_bytes=max_upload_bytes)
 
-        imp_btn.click(act(import_file, "importing a file"), [doc, imp_file], outputs, **on_status, api_name="import_file")
+        imp_btn.click(act(import_file, "importing a file"), [doc, imp_file], outputs, **on_status,
+                      api_name="import_file")
 
         @_user_errors
         def export(d: Document, format, progress=gr.Progress()):
