@@ -20,7 +20,9 @@ HELDOUT_SEED_START), identifiers learned for `--steps` steps, then 16 images of 
 subjects (species x colour pairs not among the exemplars, in random backgrounds), prompt
 "a <colour> <species> <background phrase> <token>", 20 DPM-Solver steps, CFG 5, image k
 with seed `--seed + k` for every method (paired). Several `--seed`s repeat all of it per seed and pool
-(one image is 100 / (16 x actions x seeds) points; at 4 actions and 2 seeds, 0.8).
+(one image is 100 / (16 x actions x seeds) points; at 4 actions and 2 seeds, 0.8). Harder exemplar sets:
+`--exemplar_species same` (all one species) and `--exemplar_background same` (all in one place; the unseen
+subjects then in the other backgrounds), where an identifier is tempted to carry that context along.
 
 Scores, from judges trained only on renders (`training/train_pose_classifier.py`):
   action_acc   pose classifier says the held-out action (chance 1/11)

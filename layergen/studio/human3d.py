@@ -186,7 +186,7 @@ def human_tab(backend: HumanBackend | None = None):
             """The user is on this tab, not on the Layers tab whose status line says what changed: say it here
             too (progress and error badges likewise)."""
             panel = add_to_doc(doc, files, layer)
-            said = (text or "").split(ADDED_MARK)[0].rstrip()
+            said = (text or "").split("\n\n" + ADDED_MARK)[0].rstrip()
             return (*panel, f"{said}\n\n{ADDED_MARK} the {layer} front view as a new layer (Layers tab).")
 
         add_btn.click(add_and_say, [ctx.doc, files_state, shown, summary], [*ctx.outputs, summary],
