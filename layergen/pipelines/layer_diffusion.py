@@ -376,7 +376,6 @@ class LayerDiffusionPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMix
                                 "use a smaller guidance_scale")
         return latents
 
-
     # -- decoding -----------------------------------------------------------------------------
     def decode_transparent(self, latents, height, width, tta: bool = True) -> np.ndarray:
         """Latents -> uint8 B x H x W x 4 straight RGBA, cropped to the requested size."""
