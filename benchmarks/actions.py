@@ -5,6 +5,8 @@ What it compares (one run, same base model, same exemplars, same steps, same see
   adi           layer-wise identifier + gradient-invariance mask (the method)
   adi_no_mask   layer-wise identifier, no mask                    (ablation: the mask)
   adi_shared    one token for all layers + mask                   (ablation: layer-wise tokens)
+  adi_restaged  adi whose mask compares each anchor with itself on other backgrounds (exact mattes of the
+                renders; `--context_partner restaged`): for exemplars that share a place
   ti            plain Textual Inversion: one input token, template "a <token>"
   ti_captioned  Textual Inversion with ADI's captioned template   (extra: isolates the template)
   base          no identifier at all (the model's pose prior on these prompts)
@@ -67,6 +69,7 @@ METHODS = {
     "adi": ["--method", "adi"],
     "adi_no_mask": ["--method", "adi", "--mask_quantile", "0"],
     "adi_shared": ["--method", "adi", "--shared_token"],
+    "adi_restaged": ["--method", "adi", "--context_partner", "restaged"],
     "ti": ["--method", "textual_inversion"],
     "ti_captioned": ["--method", "textual_inversion", "--template", "{caption} {token}"],
     "base": None,
@@ -145,7 +148,8 @@ def identifier_cache_path(args, action: str, method: str, train_args) -> Path | 
     never reuses a stale file."""
     if not args.identifier_dir:
         return None
-    config = {k: v for k, v in vars(train_args).items() if k not in ("output_dir", "output")}
+    config = {k: v for k, v in vars(train_args).items() if k not in ("output_dir", "output")
+              and not (k in TRAINER_ADDED and v == TRAINER_ADDED[k])}  # files learned before a flag existed stay
     exemplars = [args.exemplar_species] + ([] if args.exemplar_background == "distinct" else ["one background"])
     key = hashlib.sha1(json.dumps([config, str(args.model), *exemplars], sort_keys=True,
                                   default=str).encode())
@@ -324,6 +328,8 @@ MERGE_FREE = ("seed", "methods", "identifier_dir", "quick")
 
 # config keys added after runs were saved without them, with the value those runs had
 CONFIG_ADDED = {"exemplar_background": "distinct"}  # session 18
+# trainer settings added likewise (session 19), with the value every earlier identifier was trained with
+TRAINER_ADDED = {"context_partner": "exemplar", "context_backgrounds": None, "num_context": 3}
 
 
 def merge_reports(reports: list[dict]) -> dict:
@@ -338,7 +344,8 @@ def merge_reports(reports: list[dict]) -> dict:
 
     def compared(report, key):
         free = MERGE_FREE if key == "config" else ()
-        values = {**CONFIG_ADDED, **report[key]} if key == "config" else report[key]
+        added = {"config": CONFIG_ADDED, "identifier_training": TRAINER_ADDED}.get(key, {})
+        values = {**added, **report[key]}
         return {k: v for k, v in values.items()
                 if k not in free and (key != "classifiers" or k in judges)}
 
@@ -375,8 +382,8 @@ def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf, scene_clf=No
         place = list(FIGURE_BACKGROUNDS)[a_idx % len(FIGURE_BACKGROUNDS)] if args.exemplar_background == "same" \
             else None
         ex = exemplar_set(action, args.num_exemplars, seed=HELDOUT_SEED_START + 1000 * a_idx,
-                          size=pipe.default_size(), species=one, background=place)
-        exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", **s.metadata()}
+                          size=pipe.default_size(), species=one, background=place, matte=True)
+        exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", "matte": s.matte, **s.metadata()}
                      for k, s in enumerate(ex)]
         ex_subjects = {(e["species"], e["colour"]) for e in exemplars}
         subjects = unseen_subjects(exemplars, args.num_images, seed + a_idx, avoid_background=place)

@@ -92,6 +92,7 @@ class FigureSample:
     action: str
     seed: int
     joints: dict  # name -> (x, y) in pixels
+    matte: tuple[np.ndarray, np.ndarray] | None = None  # (premultiplied figure H x W x 3, alpha H x W), floats
 
     @property
     def subject(self) -> str:
@@ -247,9 +248,16 @@ class _Canvas:
     def dot(self, xy, r, colour):
         cv2.circle(self.img, self._p(xy), max(1, int(round(r * self.s))), colour, -1, cv2.LINE_AA)
 
+    def small(self, size: int) -> np.ndarray:
+        """The canvas at `size` (float), area-averaged: linear, so mattes taken from it are exact."""
+        return cv2.resize(self.img, (size, size), interpolation=cv2.INTER_AREA)
+
     def finish(self, size: int) -> np.ndarray:
-        small = cv2.resize(self.img, (size, size), interpolation=cv2.INTER_AREA)
-        return np.floor(np.clip(small, 0, 1) * 255 + 0.5).astype(np.uint8)
+        return _to_uint8(self.small(size))
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.floor(np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def _draw_figure(cv: _Canvas, species: str, rgb, J: dict, height: float):
@@ -332,8 +340,12 @@ OUTLINE_F = tuple(c / 255 for c in OUTLINE)
 
 
 def render_figure(species: str, colour: str, background: str, action: str, size: int = 128,
-                  rng: np.random.Generator | None = None, jitter: float = 6.0, seed: int = -1) -> FigureSample:
-    """Draw one figure; every random choice (placement, scale, angle jitter, background details) uses `rng`."""
+                  rng: np.random.Generator | None = None, jitter: float = 6.0, seed: int = -1,
+                  matte: bool = False) -> FigureSample:
+    """Draw one figure; every random choice (placement, scale, angle jitter, background details) uses `rng`.
+
+    `matte` also returns the figure's exact matte (it is drawn once more on black and on white; the image is
+    unchanged), so `restage` can put the very same figure on another background."""
     if species not in SPECIES:
         raise ValueError(f"unknown species {species!r}; expected one of {SPECIES}")
     if colour not in FIGURE_COLOURS:
@@ -358,10 +370,29 @@ def render_figure(species: str, colour: str, background: str, action: str, size:
     shift = np.array([dx, dy])
     J = {k: (v + shift if isinstance(v, np.ndarray) else v) for k, v in J.items()}
     rgb = tuple(c / 255 for c in FIGURE_COLOURS[colour])
-    cv = _Canvas(bg, size / 128, outline=0.9 * size / 128)
-    _draw_figure(cv, species, rgb, J, height)
+
+    def draw(backdrop):
+        cv = _Canvas(backdrop, size / 128, outline=0.9 * size / 128)
+        _draw_figure(cv, species, rgb, J, height)
+        return cv
+
+    image = draw(bg).finish(size)
     joints = {k: (float(v[0]), float(v[1])) for k, v in J.items() if isinstance(v, np.ndarray)}
-    return FigureSample(cv.finish(size), species, colour, background, action, seed, joints)
+    cut = None
+    if matte:  # "over" is affine in the backdrop: on black it is the premultiplied figure, black to white adds 1-alpha
+        on_black, on_white = (draw(np.full_like(bg, v)).small(size) for v in (0.0, 1.0))
+        cut = (on_black, np.clip(1.0 - (on_white - on_black).mean(-1), 0.0, 1.0).astype(np.float32))
+    return FigureSample(image, species, colour, background, action, seed, joints, cut)
+
+
+def restage(sample: FigureSample, background: str, seed: int = 0) -> np.ndarray:
+    """The sample's figure (same pose, place and size) on a freshly drawn `background` (uint8 RGB): a
+    context-different twin for the action mask. Needs a sample rendered with `matte=True`."""
+    if sample.matte is None:
+        raise ValueError("restage needs a figure rendered with matte=True")
+    figure, alpha = sample.matte
+    bg, _ = render_background(background, alpha.shape[0], np.random.default_rng([int(seed), 41]))
+    return _to_uint8(figure + (1.0 - alpha)[..., None] * bg)
 
 
 def make_figure(seed: int, size: int = 128, species: str | None = None, colour: str | None = None,
@@ -386,13 +417,13 @@ def training_caption(sample: FigureSample, rng: np.random.Generator, action_word
 
 def exemplar_set(action: str, num: int = 4, seed: int = HELDOUT_SEED_START, size: int = 128,
                  distinct_species: bool = True, species: str | None = None,
-                 background: str | None = None) -> list[FigureSample]:
+                 background: str | None = None, matte: bool = False) -> list[FigureSample]:
     """`num` figures doing `action`, with different subjects and backgrounds (ADI exemplars).
 
     `species` makes every exemplar that species (colours and backgrounds still differ): the
     setting where an identifier is most tempted to learn the subject along with the action.
     `background` puts every exemplar in that background (exemplars shot in one place): the context
-    an identifier may carry along instead. Everything else is drawn as without it."""
+    an identifier may carry along instead. Everything else is drawn as without it. `matte`: see `render_figure`."""
     if species is not None and species not in SPECIES:
         raise ValueError(f"unknown species {species!r}; choose from {', '.join(SPECIES)}")
     if background is not None and background not in FIGURE_BACKGROUNDS:
@@ -416,7 +447,7 @@ def exemplar_set(action: str, num: int = 4, seed: int = HELDOUT_SEED_START, size
         bg = bgs[(len(out) + int(rng.integers(len(bgs)))) % len(bgs)]
         bg = bg if background is None else background
         out.append(render_figure(sp, col, bg, action, size, np.random.default_rng([int(seed), 7, k]),
-                                 seed=int(seed) * 100 + k))
+                                 seed=int(seed) * 100 + k, matte=matte))
         k += 1
     return out
 

@@ -97,6 +97,72 @@ def test_triple_draws_pair_distinct_exemplars_and_contrast_comes_last():
     assert with_ct.noise.shape == (64, 4, 2, 2) and ((with_ct.t >= 0) & (with_ct.t < 1000)).all()
 
 
+def test_restaged_context_partners_show_the_subject_in_other_places(parts, tmp_path):
+    """Exemplars shot in one place: each gets copies of its own figure (exact matte) on other backgrounds, with
+    captions naming the new place; default and unmasked runs build none; photos need backgrounds."""
+    mod = load_script()
+    base = ["--name", "jump", "--output_dir", str(tmp_path)]
+    args = mod.parse_args([*base, "--context_partner", "restaged", "--num_context", "2"])
+    ex = exemplar_set("jump", 3, size=32, background="snow", matte=True)
+    exemplars = [{"image": s.image, "caption": s.caption(), "matte": s.matte, **s.metadata()} for s in ex]
+    context = mod.build_context(args, exemplars, 32)
+    assert [len(c) for c in context] == [2, 2, 2]
+    for e, copies in zip(exemplars, context):
+        alpha = e["matte"][1]
+        inside, outside = alpha > 0.999, alpha < 0.001
+        assert len({c["caption"] for c in copies}) == 2
+        for c in copies:
+            assert f"{e['colour']} {e['species']}" in c["caption"] and "snow" not in c["caption"]
+            assert np.array_equal(c["image"][inside], e["image"][inside])
+            assert np.abs(c["image"][outside].astype(int) - e["image"][outside]).mean() > 20
+    for flags in ([], ["--context_partner", "restaged", "--mask_quantile", "0"]):
+        assert mod.build_context(mod.parse_args([*base, *flags]), exemplars, 32) == [[], [], []]
+    photos = [{"image": e["image"], "caption": "a photo"} for e in exemplars]
+    with pytest.raises(mod.LayergenError, match="--context_backgrounds"):
+        mod.build_context(args, photos, 32)
+    with pytest.raises(mod.LayergenError, match="no background images"):
+        mod.build_context(mod.parse_args([*base, "--context_partner", "restaged", "--context_backgrounds",
+                                          str(tmp_path)]), photos, 32)
+
+
+def test_cut_out_finds_the_figure_in_a_photo_like_exemplar():
+    """No matte (a user's photo): the automatic cut-out must find the subject, not the sky or the ground."""
+    sample = exemplar_set("jump", 1, background="night", matte=True)[0]
+    _, alpha = load_script().cut_out(sample.image)
+    truth, found = sample.matte[1] > 0.5, alpha > 0.5
+    assert (truth & found).sum() / (truth | found).sum() > 0.8
+
+
+def test_the_mask_compares_each_anchor_with_its_restaged_self(parts, tmp_path, monkeypatch):
+    """With --context_partner restaged the mask's context sample is the anchor's own copy. A matte that covers the
+    whole image makes that copy the anchor itself, so the context difference the mask sees must be exactly zero
+    (with exemplar partners it is not), while the update still moves the identifier."""
+    mod = load_script()
+    ex = exemplar_set("jump", 3, size=32, matte=True)
+    exemplars = [{"image": s.image, **s.metadata(), "matte": (s.image / 255.0, np.ones((32, 32), np.float32))}
+                 for s in ex]
+    seen = []
+    original = mod.GradientInvarianceMasker.update
+
+    def spy(self, g_anchor, g_context, g_action=None):
+        seen.append(float((g_anchor - g_context).abs().max()))
+        return original(self, g_anchor, g_context, g_action)
+
+    monkeypatch.setattr(mod.GradientInvarianceMasker, "update", spy)
+    pipe = ActionPipeline.from_pretrained(parts / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    for partner in ("restaged", "exemplar"):
+        args = mod.parse_args(["--name", "jump", "--output_dir", str(tmp_path / partner), "--initializer_token",
+                               "star", "--template", "a {token}", "--num_exemplars", "3", "--steps", "2",
+                               "--contrast", "render", "--num_contrast", "1", "--context_partner", partner,
+                               "--validation_steps", "0", "--checkpointing_steps", "100", "--train_batch_size", "2"])
+        ident = mod.train(args, pipe=pipe, exemplars=exemplars, show_progress=False)
+        assert not torch.allclose(ident.embeddings[0], ident.embeddings[1])
+        assert ident.extra_metadata["context_partner"] == partner
+    assert len(seen) == 4
+    assert max(seen[:2]) < 1e-6 < min(seen[2:])
+
+
 def test_masked_channels_never_move_during_training(parts, tmp_path):
     """Quantile 0.5 with per-step masks: every step, the masked half of each row keeps its value."""
     mod = load_script()
