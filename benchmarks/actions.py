@@ -372,21 +372,31 @@ def merge_reports(reports: list[dict]) -> dict:
                         per_seed)
 
 
+def action_setup(args, seed: int, action: str, position: int, size: int):
+    """(exemplars as the trainer takes them, the unseen (species, colour, background) to draw).
+
+    They follow the action's slot among the held-out actions, not its `position` in --actions: a run of some
+    actions draws exactly what the full run drew for them (and --identifier_dir, keyed by action name, may reuse
+    the full run's identifiers)."""
+    a_idx = HELDOUT_ACTIONS.index(action) if action in HELDOUT_ACTIONS else len(HELDOUT_ACTIONS) + position
+    one = SPECIES[a_idx % len(SPECIES)] if args.exemplar_species == "same" else None
+    place = list(FIGURE_BACKGROUNDS)[a_idx % len(FIGURE_BACKGROUNDS)] if args.exemplar_background == "same" \
+        else None
+    ex = exemplar_set(action, args.num_exemplars, seed=HELDOUT_SEED_START + 1000 * a_idx, size=size, species=one,
+                      background=place, matte=True)
+    exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", "matte": s.matte, **s.metadata()}
+                 for k, s in enumerate(ex)]
+    return exemplars, unseen_subjects(exemplars, args.num_images, seed + a_idx, avoid_background=place)
+
+
 def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf, scene_clf=None):
     """Every method on every action for one seed: `{method: {action: scores}}` and the images."""
     torch.manual_seed(seed)
     results = {m: {} for m in args.methods}
     grids = {}
-    for a_idx, action in enumerate(args.actions):
-        one = SPECIES[a_idx % len(SPECIES)] if args.exemplar_species == "same" else None
-        place = list(FIGURE_BACKGROUNDS)[a_idx % len(FIGURE_BACKGROUNDS)] if args.exemplar_background == "same" \
-            else None
-        ex = exemplar_set(action, args.num_exemplars, seed=HELDOUT_SEED_START + 1000 * a_idx,
-                          size=pipe.default_size(), species=one, background=place, matte=True)
-        exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", "matte": s.matte, **s.metadata()}
-                     for k, s in enumerate(ex)]
+    for position, action in enumerate(args.actions):
+        exemplars, subjects = action_setup(args, seed, action, position, pipe.default_size())
         ex_subjects = {(e["species"], e["colour"]) for e in exemplars}
-        subjects = unseen_subjects(exemplars, args.num_images, seed + a_idx, avoid_background=place)
         captions = [subject_caption(*s) for s in subjects]
         grids[action] = {}
         for method in args.methods:

@@ -77,6 +77,26 @@ def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
     new_default = parsed("--steps", "300")  # the training script's default changed, the benchmark's flags did not
     new_default.mask_momentum = 0.5
     assert bench.identifier_cache_path(args, "jump", "adi", new_default) != path
+    # a trainer flag added later keeps the keys of files learned before it existed, at its default only
+    before_flag = parsed("--steps", "300")
+    for name in bench.TRAINER_ADDED:
+        delattr(before_flag, name)
+    assert bench.identifier_cache_path(args, "jump", "adi", before_flag) == path
+    assert bench.identifier_cache_path(args, "jump", "adi", parsed("--steps", "300", "--context_partner",
+                                                                  "restaged")) != path
+
+
+def test_an_actions_exemplars_do_not_depend_on_the_other_actions_run(bench):
+    """`--actions kick` draws the exemplars and subjects the full run drew for kick (the cache is keyed by name)."""
+    for flags in ([], ["--exemplar_background", "same"], ["--exemplar_species", "same"]):
+        full, alone = bench.parse_args(flags), bench.parse_args([*flags, "--actions", "kick"])
+        ex_full, subjects_full = bench.action_setup(full, 3, "kick", full.actions.index("kick"), 32)
+        ex_alone, subjects_alone = bench.action_setup(alone, 3, "kick", 0, 32)
+        assert subjects_alone == subjects_full
+        assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(ex_alone, ex_full))
+    one_place = bench.parse_args(["--exemplar_background", "same"])
+    places = {bench.action_setup(one_place, 3, a, 0, 32)[0][0]["background"] for a in HELDOUT_ACTIONS}
+    assert len(places) == len(HELDOUT_ACTIONS)  # one background per action, whatever the position
 
 
 def _cell(action_ok, subject_ok, poses):
@@ -196,6 +216,13 @@ def test_merge_refuses_other_configs_and_repeated_seeds(bench):
     other["identifier_training"]["learning_rate"] = 0.02
     with pytest.raises(ValueError, match="differ in identifier_training"):
         bench.merge_reports([_report(bench, [0]), other])
+    # trainer settings added later: absent means their default, another value is another config
+    newer = _report(bench, [1])
+    newer["identifier_training"].update(bench.TRAINER_ADDED)
+    assert bench.merge_reports([_report(bench, [0]), newer])
+    newer["identifier_training"]["context_partner"] = "restaged"
+    with pytest.raises(ValueError, match="differ in identifier_training.*context_partner"):
+        bench.merge_reports([_report(bench, [0]), newer])
 
 
 
