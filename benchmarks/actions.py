@@ -6,7 +6,7 @@ What it compares (one run, same base model, same exemplars, same steps, same see
   adi_no_mask   layer-wise identifier, no mask                    (ablation: the mask)
   adi_shared    one token for all layers + mask                   (ablation: layer-wise tokens)
   adi_restaged  adi whose mask compares each anchor with itself on other backgrounds (exact mattes of the
-                renders; `--context_partner restaged`): for exemplars that share a place
+                renders; `--restage mask`): for exemplars that share a place
   ti            plain Textual Inversion: one input token, template "a <token>"
   ti_captioned  Textual Inversion with ADI's captioned template   (extra: isolates the template)
   base          no identifier at all (the model's pose prior on these prompts)
@@ -69,7 +69,7 @@ METHODS = {
     "adi": ["--method", "adi"],
     "adi_no_mask": ["--method", "adi", "--mask_quantile", "0"],
     "adi_shared": ["--method", "adi", "--shared_token"],
-    "adi_restaged": ["--method", "adi", "--context_partner", "restaged"],
+    "adi_restaged": ["--method", "adi", "--restage", "mask"],
     "ti": ["--method", "textual_inversion"],
     "ti_captioned": ["--method", "textual_inversion", "--template", "{caption} {token}"],
     "base": None,
@@ -329,7 +329,7 @@ MERGE_FREE = ("seed", "methods", "identifier_dir", "quick")
 # config keys added after runs were saved without them, with the value those runs had
 CONFIG_ADDED = {"exemplar_background": "distinct"}  # session 18
 # trainer settings added likewise (session 19), with the value every earlier identifier was trained with
-TRAINER_ADDED = {"context_partner": "exemplar", "context_backgrounds": None, "num_context": 3}
+TRAINER_ADDED = {"restage": "off", "restage_backgrounds": None, "num_restaged": 3}
 
 
 def merge_reports(reports: list[dict]) -> dict:

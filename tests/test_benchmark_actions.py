@@ -82,8 +82,7 @@ def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
     for name in bench.TRAINER_ADDED:
         delattr(before_flag, name)
     assert bench.identifier_cache_path(args, "jump", "adi", before_flag) == path
-    assert bench.identifier_cache_path(args, "jump", "adi", parsed("--steps", "300", "--context_partner",
-                                                                  "restaged")) != path
+    assert bench.identifier_cache_path(args, "jump", "adi", parsed("--steps", "300", "--restage", "mask")) != path
 
 
 def test_an_actions_exemplars_do_not_depend_on_the_other_actions_run(bench):
@@ -220,8 +219,8 @@ def test_merge_refuses_other_configs_and_repeated_seeds(bench):
     newer = _report(bench, [1])
     newer["identifier_training"].update(bench.TRAINER_ADDED)
     assert bench.merge_reports([_report(bench, [0]), newer])
-    newer["identifier_training"]["context_partner"] = "restaged"
-    with pytest.raises(ValueError, match="differ in identifier_training.*context_partner"):
+    newer["identifier_training"]["restage"] = "mask"
+    with pytest.raises(ValueError, match="differ in identifier_training.*restage"):
         bench.merge_reports([_report(bench, [0]), newer])
 
 

@@ -59,21 +59,21 @@ def test_exemplars_learn_generate(model, tmp_path, capsys, monkeypatch):
 
 def test_learn_with_restaged_context_partners(model, tmp_path, capsys, monkeypatch):
     """Procedural exemplars are cut out and put on the figures' other backgrounds; photos without metadata need
-    --context_backgrounds, and say so."""
+    --restage_backgrounds, and say so."""
     monkeypatch.chdir(tmp_path)
     assert main(["action", "exemplars", "jump", "ex", "-n", "3", "--size", "32"]) == 0
-    common = ["--model", str(model), "--steps", "1", "--num_exemplars", "3", "--context_partner", "restaged"]
+    common = ["--model", str(model), "--steps", "1", "--num_exemplars", "3", "--restage", "mask"]
     assert main(["action", "learn", "ex", "--name", "jump", *common]) == 0
-    assert ActionIdentifier.load(tmp_path / "jump.safetensors").extra_metadata["context_partner"] == "restaged"
+    assert ActionIdentifier.load(tmp_path / "jump.safetensors").extra_metadata["restage"] == "mask"
     (tmp_path / "photos").mkdir()
     for f in (tmp_path / "ex").glob("*.png"):
         (tmp_path / "photos" / f.name).write_bytes(f.read_bytes())
     assert main(["action", "learn", "photos", "--name", "hop", *common]) == 2
-    assert "--context_backgrounds" in capsys.readouterr().err and not (tmp_path / "hop.safetensors").exists()
+    assert "--restage_backgrounds" in capsys.readouterr().err and not (tmp_path / "hop.safetensors").exists()
     (tmp_path / "places").mkdir()
     for k, rgb in enumerate(((200, 40, 40), (40, 40, 200))):
         Image.new("RGB", (48, 40), rgb).save(tmp_path / "places" / f"{k}.jpg")
-    assert main(["action", "learn", "photos", "--name", "hop", *common, "--context_backgrounds", "places"]) == 0
+    assert main(["action", "learn", "photos", "--name", "hop", *common, "--restage_backgrounds", "places"]) == 0
     assert (tmp_path / "hop.safetensors").is_file()
 
 

@@ -27,11 +27,12 @@ action-different images come from is `--contrast`:
   none     context pairs only: the mask keeps the channels least sensitive to context;
   auto     render if the metadata allows, else generate if there are captions, else none.
 
-Context the exemplars *share* (all shot in one place) never changes inside such a triple, so the mask cannot
-see it. `--context_partner restaged` makes the mask's context-different sample the anchor itself cut out and
-put on another background (same subject, same pose: only the place changes); the update is unchanged (anchors
-and exemplar partners). Cut-outs: exact mattes for procedural figures passed in memory (`matte`), otherwise
-`layergen.decompose`'s automatic proposal + closed-form matting. Backgrounds: `--context_backgrounds DIR`,
+Context the exemplars *share* (all shot in one place) never changes inside such a triple, so neither the mask
+nor the averaged update can tell it from the action. `--restage` puts each exemplar's subject (same pose) on
+other backgrounds: `mask` makes that copy of the anchor the mask's context-different sample (only the place
+changes; the update is unchanged), `train` also adds the copies to the update, so the action is learned over
+several places. Cut-outs: exact mattes for procedural figures passed in memory (`matte`), otherwise
+`layergen.decompose`'s automatic proposal + closed-form matting. Backgrounds: `--restage_backgrounds DIR`,
 or, for procedural figures, the other figure backgrounds.
 
 Resume with `--resume_from_checkpoint latest`; validation grids go to `<output_dir>`.
@@ -105,13 +106,14 @@ def parse_args(argv=None):
     p.add_argument("--contrast", default="auto", choices=["auto", "render", "generate", "dir", "none"])
     p.add_argument("--contrast_dir", default=None)
     p.add_argument("--num_contrast", type=int, default=3, help="Action-different images per exemplar.")
-    p.add_argument("--context_partner", default="exemplar", choices=["exemplar", "restaged"],
-                   help="The mask's context-different sample: another exemplar (ADI as published), or the anchor "
-                        "cut out onto another background, so that a place all exemplars share is seen as context.")
-    p.add_argument("--context_backgrounds", default=None,
-                   help="Folder of background images for --context_partner restaged (procedural figures: not "
-                        "needed, their other backgrounds are drawn).")
-    p.add_argument("--num_context", type=positive_int, default=3, help="Restaged images per exemplar.")
+    p.add_argument("--restage", default="off", choices=["off", "mask", "train"],
+                   help="Put each exemplar's subject on other backgrounds, for exemplars all shot in one place: "
+                        "'mask' = as the mask's context-different sample (instead of another exemplar), 'train' = "
+                        "that and in the update too.")
+    p.add_argument("--restage_backgrounds", default=None,
+                   help="Folder of background images for --restage (procedural figures: not needed, their other "
+                        "backgrounds are drawn).")
+    p.add_argument("--num_restaged", type=positive_int, default=3, help="Restaged images per exemplar.")
     p.add_argument("--timestep_sampling", default="focal", choices=["uniform", "focal"],
                    help="'focal' (default): p(t) ~ 1 - 0.5 cos(pi t / T), favouring the noisy steps where pose is "
                         "decided (ReVersion's relation-focal sampling); the pipeline applies identifiers in those "
@@ -224,42 +226,41 @@ def cut_out(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rgb = image.astype(np.float32) / 255.0
     proposals = AutomaticProposer()(rgb)
     if not proposals:
-        raise LayergenError("--context_partner restaged: found no subject to cut out of an exemplar; "
-                            "pass --context_partner exemplar")
+        raise LayergenError("--restage: found no subject to cut out of an exemplar; leave --restage off")
     body = max(proposals, key=lambda q: q.area).mask
     alpha = ClosedFormMatting()(rgb, body.astype(np.float32))
     return rgb * alpha[..., None], alpha
 
 
-def build_context(args, exemplars, size: int) -> list[list[dict]]:
-    """Per exemplar, `--num_context` copies of its subject on other backgrounds (see the module docstring)."""
+def build_restaged(args, exemplars, size: int) -> list[list[dict]]:
+    """Per exemplar, `--num_restaged` copies of its subject on other backgrounds (see the module docstring)."""
     from layergen.data.figures import FIGURE_BACKGROUNDS, subject_caption
 
-    if args.context_partner == "exemplar" or args.mask_quantile <= 0:
+    if args.restage == "off" or (args.restage == "mask" and args.mask_quantile <= 0):
         return [[] for _ in exemplars]
     files = []
-    if args.context_backgrounds:
-        folder = Path(args.context_backgrounds)
+    if args.restage_backgrounds:
+        folder = Path(args.restage_backgrounds)
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         if not files:
-            raise LayergenError(f"--context_backgrounds {folder}: no background images there")
+            raise LayergenError(f"--restage_backgrounds {folder}: no background images there")
     rng = np.random.default_rng([int(args.seed), 43])
     out = []
     for i, e in enumerate(exemplars):
         procedural = e.get("background") in FIGURE_BACKGROUNDS and "species" in e and "colour" in e
         if not files and not procedural:
-            raise LayergenError("--context_partner restaged needs --context_backgrounds DIR (other places to put "
+            raise LayergenError("--restage needs --restage_backgrounds DIR (other places to put "
                                 "the exemplars' subjects on)")
         figure, alpha = e["matte"] if e.get("matte") is not None else cut_out(e["image"])
         if files:
-            picks = [files[int(k)] for k in rng.permutation(len(files))[: args.num_context]]
+            picks = [files[int(k)] for k in rng.permutation(len(files))[: args.num_restaged]]
             backdrops = [(np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.LANCZOS),
                                      np.float32) / 255.0, e.get("caption")) for f in picks]
         else:
             from layergen.data.figures import render_background
 
             others = [b for b in FIGURE_BACKGROUNDS if b != e["background"]]
-            picks = [others[int(k)] for k in rng.permutation(len(others))[: args.num_context]]
+            picks = [others[int(k)] for k in rng.permutation(len(others))[: args.num_restaged]]
             backdrops = [(render_background(b, size, np.random.default_rng([int(args.seed), 47, i, k]))[0],
                           subject_caption(e["species"], e["colour"], b)) for k, b in enumerate(picks)]
         out.append([{"image": np.floor(np.clip(figure + (1 - alpha)[..., None] * bg, 0, 1) * 255 + 0.5)
@@ -459,7 +460,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
     """The training loop; the benchmark calls it with a loaded pipeline and in-memory exemplars.
 
     `exemplars`: list of dicts with `image` (uint8 H x W x 3), optional `caption`, and optionally the
-    procedural metadata and `matte` (see `build_context`);
+    procedural metadata and `matte` (see `build_restaged`);
     `contrast`: per exemplar, a list of such dicts (action-different samples), or None to build them.
     """
     accelerator = accelerator or start_accelerator(args, "train_action_identifier")
@@ -484,7 +485,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
     pipe._guidance_scale = 5.0
     if contrast is None:
         contrast = build_contrast(args, exemplars, pipe, size)
-    context = build_context(args, exemplars, size)
+    restaged_sets = build_restaged(args, exemplars, size)
     token = token_of(args.name)
 
     kind = "input" if args.method == "textual_inversion" else ("shared" if args.shared_token else "layerwise")
@@ -507,10 +508,10 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
         x_ct = [encode_images(pipe, [c["image"] for c in cs]) for cs in contrast]
         p_ct = [[prompt_for(args.template, c.get("caption") or exemplars[i].get("caption"), token) for c in cs]
                 for i, cs in enumerate(contrast)]
-    has_context = args.mask_quantile > 0 and all(len(c) > 0 for c in context)
-    if has_context:
-        x_cx = [encode_images(pipe, [c["image"] for c in cs]) for cs in context]
-        p_cx = [[prompt_for(args.template, c.get("caption"), token) for c in cs] for cs in context]
+    has_restaged = all(len(c) > 0 for c in restaged_sets)
+    if has_restaged:
+        x_rs = [encode_images(pipe, [c["image"] for c in cs]) for cs in restaged_sets]
+        p_rs = [[prompt_for(args.template, c.get("caption"), token) for c in cs] for cs in restaged_sets]
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
@@ -532,15 +533,15 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
         b = args.train_batch_size
         anchor, partner, noise, t, pick, restaged = draw_triples(
             gen, b, n_ex, x_ex.shape[1:], num_train, args.timestep_sampling,
-            [len(x) for x in x_ct] if has_contrast else None, [len(x) for x in x_cx] if has_context else None)
+            [len(x) for x in x_ct] if has_contrast else None, [len(x) for x in x_rs] if has_restaged else None)
         lat = [x_ex[anchor], x_ex[partner]]
         prm = [prompts[i] for i in anchor.tolist()] + [prompts[i] for i in partner.tolist()]
         if has_contrast:
             lat.append(torch.stack([x_ct[i][k] for i, k in zip(anchor.tolist(), pick)]))
             prm += [p_ct[i][k] for i, k in zip(anchor.tolist(), pick)]
-        if has_context:  # last, after the action partner: g[3]
-            lat.append(torch.stack([x_cx[i][k] for i, k in zip(anchor.tolist(), restaged)]))
-            prm += [p_cx[i][k] for i, k in zip(anchor.tolist(), restaged)]
+        if has_restaged:  # last, after the action partner
+            lat.append(torch.stack([x_rs[i][k] for i, k in zip(anchor.tolist(), restaged)]))
+            prm += [p_rs[i][k] for i, k in zip(anchor.tolist(), restaged)]
         k = len(lat)
         latents = torch.cat(lat).to(accelerator.device)
         loss, grad = per_sample_grads(pipe, ident, states, latents, prm, noise.repeat(k, 1, 1, 1).to(latents),
@@ -551,8 +552,9 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
                                                                                                   *grad.shape[1:])
         keep = None
         if args.mask_quantile > 0:
-            keep = masker.update(g[0], g[-1] if has_context else g[1], g[2] if has_contrast else None)
-        ident.embeddings.grad = g[:2].mean(dim=(0, 1)).to(ident.embeddings.dtype)
+            keep = masker.update(g[0], g[-1] if has_restaged else g[1], g[2] if has_contrast else None)
+        learn_from = [g[0], g[1]] + ([g[-1]] if has_restaged and args.restage == "train" else [])
+        ident.embeddings.grad = torch.stack(learn_from).mean(dim=(0, 1)).to(ident.embeddings.dtype)
         masked_step(optimizer, ident.embeddings, keep)
         if args.max_norm_ratio > 0:
             limit_row_norms(ident.embeddings, max_norms, keep)
@@ -565,7 +567,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
     accelerator.wait_for_everyone()
     ident.extra_metadata = {"method": args.method, "steps": str(args.max_train_steps),
                             "mask_quantile": str(args.mask_quantile), "num_exemplars": str(n_ex),
-                            "template": args.template, "context_partner": args.context_partner}
+                            "template": args.template, "restage": args.restage}
     if accelerator.is_main_process:
         dest = Path(args.output) if args.output else out / f"{args.name.strip('<>')}.safetensors"
         ident.save(dest)

@@ -49,11 +49,11 @@ def register(subparsers) -> None:
                        help="share of channels masked as action-agnostic (default 0.5; 0 = no mask)")
     learn.add_argument("--contrast", choices=["auto", "render", "generate", "dir", "none"],
                        help="where the action-different images come from (default auto)")
-    learn.add_argument("--context_partner", choices=["exemplar", "restaged"],
-                       help="the mask's context-different sample: another exemplar (default), or each exemplar's "
-                            "subject cut out onto other backgrounds (for exemplars all shot in one place)")
-    learn.add_argument("--context_backgrounds", metavar="DIR",
-                       help="background images for --context_partner restaged (procedural figures draw their own)")
+    learn.add_argument("--restage", choices=["off", "mask", "train"],
+                       help="exemplars all shot in one place: put their subjects on other backgrounds, for the mask "
+                            "only or for training too (default off)")
+    learn.add_argument("--restage_backgrounds", metavar="DIR",
+                       help="background images for --restage (procedural figures draw their own)")
     learn.add_argument("--work_dir", help="checkpoints/validation images (default: a temporary folder)")
     learn.add_argument("--seed", type=seed_arg)
     learn.set_defaults(func=run_learn)
@@ -143,8 +143,8 @@ def run_learn(args) -> int:
                 "--output_dir", args.work_dir or tmp, "--validation_steps", "0"]
         if not args.work_dir:  # nobody will resume from a temporary folder
             argv += ["--checkpointing_steps", str(10 ** 9)]
-        for flag in ("method", "steps", "num_exemplars", "mask_quantile", "contrast", "context_partner",
-                     "context_backgrounds", "seed"):
+        for flag in ("method", "steps", "num_exemplars", "mask_quantile", "contrast", "restage",
+                     "restage_backgrounds", "seed"):
             if getattr(args, flag) is not None:
                 argv += [f"--{flag}", str(getattr(args, flag))]
         if args.model:

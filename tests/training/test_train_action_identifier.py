@@ -97,17 +97,18 @@ def test_triple_draws_pair_distinct_exemplars_and_contrast_comes_last():
     assert with_ct.noise.shape == (64, 4, 2, 2) and ((with_ct.t >= 0) & (with_ct.t < 1000)).all()
 
 
-def test_restaged_context_partners_show_the_subject_in_other_places(parts, tmp_path):
+def test_restaged_copies_show_the_subject_in_other_places(parts, tmp_path):
     """Exemplars shot in one place: each gets copies of its own figure (exact matte) on other backgrounds, with
-    captions naming the new place; default and unmasked runs build none; photos need backgrounds."""
+    captions naming the new place; none when off or when only an absent mask would use them; photos need
+    backgrounds."""
     mod = load_script()
     base = ["--name", "jump", "--output_dir", str(tmp_path)]
-    args = mod.parse_args([*base, "--context_partner", "restaged", "--num_context", "2"])
+    args = mod.parse_args([*base, "--restage", "mask", "--num_restaged", "2"])
     ex = exemplar_set("jump", 3, size=32, background="snow", matte=True)
     exemplars = [{"image": s.image, "caption": s.caption(), "matte": s.matte, **s.metadata()} for s in ex]
-    context = mod.build_context(args, exemplars, 32)
-    assert [len(c) for c in context] == [2, 2, 2]
-    for e, copies in zip(exemplars, context):
+    restaged = mod.build_restaged(args, exemplars, 32)
+    assert [len(c) for c in restaged] == [2, 2, 2]
+    for e, copies in zip(exemplars, restaged):
         alpha = e["matte"][1]
         inside, outside = alpha > 0.999, alpha < 0.001
         assert len({c["caption"] for c in copies}) == 2
@@ -115,14 +116,16 @@ def test_restaged_context_partners_show_the_subject_in_other_places(parts, tmp_p
             assert f"{e['colour']} {e['species']}" in c["caption"] and "snow" not in c["caption"]
             assert np.array_equal(c["image"][inside], e["image"][inside])
             assert np.abs(c["image"][outside].astype(int) - e["image"][outside]).mean() > 20
-    for flags in ([], ["--context_partner", "restaged", "--mask_quantile", "0"]):
-        assert mod.build_context(mod.parse_args([*base, *flags]), exemplars, 32) == [[], [], []]
+    for flags in ([], ["--restage", "mask", "--mask_quantile", "0"]):
+        assert mod.build_restaged(mod.parse_args([*base, *flags]), exemplars, 32) == [[], [], []]
+    trained = mod.build_restaged(mod.parse_args([*base, "--restage", "train", "--mask_quantile", "0"]), exemplars, 32)
+    assert [len(c) for c in trained] == [3, 3, 3]
     photos = [{"image": e["image"], "caption": "a photo"} for e in exemplars]
-    with pytest.raises(mod.LayergenError, match="--context_backgrounds"):
-        mod.build_context(args, photos, 32)
+    with pytest.raises(mod.LayergenError, match="--restage_backgrounds"):
+        mod.build_restaged(args, photos, 32)
     with pytest.raises(mod.LayergenError, match="no background images"):
-        mod.build_context(mod.parse_args([*base, "--context_partner", "restaged", "--context_backgrounds",
-                                          str(tmp_path)]), photos, 32)
+        mod.build_restaged(mod.parse_args([*base, "--restage", "mask", "--restage_backgrounds", str(tmp_path)]),
+                           photos, 32)
 
 
 def test_cut_out_finds_the_figure_in_a_photo_like_exemplar():
@@ -133,14 +136,25 @@ def test_cut_out_finds_the_figure_in_a_photo_like_exemplar():
     assert (truth & found).sum() / (truth | found).sum() > 0.8
 
 
-def test_the_mask_compares_each_anchor_with_its_restaged_self(parts, tmp_path, monkeypatch):
-    """With --context_partner restaged the mask's context sample is the anchor's own copy. A matte that covers the
-    whole image makes that copy the anchor itself, so the context difference the mask sees must be exactly zero
-    (with exemplar partners it is not), while the update still moves the identifier."""
-    mod = load_script()
+def _whole_image_matte_exemplars():
+    """Exemplars whose 'matte' covers the whole image: their restaged copies are the exemplars themselves."""
     ex = exemplar_set("jump", 3, size=32, matte=True)
-    exemplars = [{"image": s.image, **s.metadata(), "matte": (s.image / 255.0, np.ones((32, 32), np.float32))}
-                 for s in ex]
+    return [{"image": s.image, **s.metadata(), "matte": (s.image / 255.0, np.ones((32, 32), np.float32))}
+            for s in ex]
+
+
+def _restage_args(mod, out, restage, *extra):
+    return mod.parse_args(["--name", "jump", "--output_dir", str(out), "--initializer_token", "star", "--template",
+                           "a {token}", "--num_exemplars", "3", "--steps", "2", "--restage", restage,
+                           "--validation_steps", "0", "--checkpointing_steps", "100", "--train_batch_size", "2",
+                           *extra])
+
+
+def test_the_mask_compares_each_anchor_with_its_restaged_self(parts, tmp_path, monkeypatch):
+    """With --restage mask the mask's context sample is the anchor's own copy. A matte that covers the whole image
+    makes that copy the anchor itself, so the context difference the mask sees must be exactly zero (with exemplar
+    partners it is not), while the update still moves the identifier."""
+    mod = load_script()
     seen = []
     original = mod.GradientInvarianceMasker.update
 
@@ -151,16 +165,42 @@ def test_the_mask_compares_each_anchor_with_its_restaged_self(parts, tmp_path, m
     monkeypatch.setattr(mod.GradientInvarianceMasker, "update", spy)
     pipe = ActionPipeline.from_pretrained(parts / "pipe")
     pipe.set_progress_bar_config(disable=True)
-    for partner in ("restaged", "exemplar"):
-        args = mod.parse_args(["--name", "jump", "--output_dir", str(tmp_path / partner), "--initializer_token",
-                               "star", "--template", "a {token}", "--num_exemplars", "3", "--steps", "2",
-                               "--contrast", "render", "--num_contrast", "1", "--context_partner", partner,
-                               "--validation_steps", "0", "--checkpointing_steps", "100", "--train_batch_size", "2"])
-        ident = mod.train(args, pipe=pipe, exemplars=exemplars, show_progress=False)
+    for restage in ("mask", "off"):
+        args = _restage_args(mod, tmp_path / restage, restage, "--contrast", "render", "--num_contrast", "1")
+        ident = mod.train(args, pipe=pipe, exemplars=_whole_image_matte_exemplars(), show_progress=False)
         assert not torch.allclose(ident.embeddings[0], ident.embeddings[1])
-        assert ident.extra_metadata["context_partner"] == partner
+        assert ident.extra_metadata["restage"] == restage
     assert len(seen) == 4
     assert max(seen[:2]) < 1e-6 < min(seen[2:])
+
+
+@pytest.mark.parametrize("restage", ["train", "mask", "off"])
+def test_only_restage_train_adds_the_copies_to_the_update(parts, tmp_path, monkeypatch, restage):
+    """The update is the mean gradient of anchors and exemplar partners, plus the restaged copies with `train`
+    (here without a mask, so a `mask` run builds no copies at all)."""
+    mod = load_script()
+    grads, updates = [], []
+    original_grads, original_step = mod.per_sample_grads, mod.masked_step
+
+    def grads_spy(*a, **k):
+        loss, grad = original_grads(*a, **k)
+        grads.append(grad.clone())
+        return loss, grad
+
+    def step_spy(optimizer, param, keep):
+        updates.append(param.grad.detach().clone())
+        original_step(optimizer, param, keep)
+
+    monkeypatch.setattr(mod, "per_sample_grads", grads_spy)
+    monkeypatch.setattr(mod, "masked_step", step_spy)
+    pipe = ActionPipeline.from_pretrained(parts / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    mod.train(_restage_args(mod, tmp_path, restage, "--mask_quantile", "0"), pipe=pipe,
+              exemplars=_whole_image_matte_exemplars(), show_progress=False)
+    for grad, update in zip(grads, updates):
+        g = grad.view(-1, 2, *grad.shape[1:])
+        assert len(g) == (3 if restage == "train" else 2)
+        assert torch.allclose(update, g.mean(dim=(0, 1)), atol=1e-7)
 
 
 def test_masked_channels_never_move_during_training(parts, tmp_path):
