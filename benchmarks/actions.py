@@ -5,8 +5,8 @@ What it compares (one run, same base model, same exemplars, same steps, same see
   adi           layer-wise identifier + gradient-invariance mask (the method)
   adi_no_mask   layer-wise identifier, no mask                    (ablation: the mask)
   adi_shared    one token for all layers + mask                   (ablation: layer-wise tokens)
-  adi_restaged  adi whose mask compares each anchor with itself on other backgrounds (exact mattes of the
-                renders; `--restage mask`): for exemplars that share a place
+  adi_restaged  adi that also learns from each exemplar's figure put on the other backgrounds (exact mattes of
+                the renders; `--restage train`): for exemplars that share a place
   ti            plain Textual Inversion: one input token, template "a <token>"
   ti_captioned  Textual Inversion with ADI's captioned template   (extra: isolates the template)
   base          no identifier at all (the model's pose prior on these prompts)
@@ -69,7 +69,7 @@ METHODS = {
     "adi": ["--method", "adi"],
     "adi_no_mask": ["--method", "adi", "--mask_quantile", "0"],
     "adi_shared": ["--method", "adi", "--shared_token"],
-    "adi_restaged": ["--method", "adi", "--restage", "mask"],
+    "adi_restaged": ["--method", "adi", "--restage", "train"],
     "ti": ["--method", "textual_inversion"],
     "ti_captioned": ["--method", "textual_inversion", "--template", "{caption} {token}"],
     "base": None,
