@@ -55,6 +55,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from layergen.errors import LayergenError
+from layergen.layers.compositing import to_uint8
 from layergen.layers.formats._common import decode_image
 from layergen.models.action_identifier import (ActionIdentifier, GradientInvarianceMasker, identifier_masks,
                                                input_embedding_override, install_identifier_processors,
@@ -263,8 +264,8 @@ def build_restaged(args, exemplars, size: int) -> list[list[dict]]:
             picks = [others[int(k)] for k in rng.permutation(len(others))[: args.num_restaged]]
             backdrops = [(render_background(b, size, np.random.default_rng([int(args.seed), 47, i, k]))[0],
                           subject_caption(e["species"], e["colour"], b)) for k, b in enumerate(picks)]
-        out.append([{"image": np.floor(np.clip(figure + (1 - alpha)[..., None] * bg, 0, 1) * 255 + 0.5)
-                     .astype(np.uint8), "caption": caption} for bg, caption in backdrops])
+        out.append([{"image": to_uint8(figure + (1 - alpha)[..., None] * bg), "caption": caption}
+                    for bg, caption in backdrops])
     return out
 
 
@@ -358,7 +359,7 @@ class TripleDraw(NamedTuple):
 
 
 def draw_triples(gen, batch: int, n_exemplars: int, latent_shape, num_train: int, sampling: str,
-                 contrast_sizes=None, context_sizes=None) -> TripleDraw:
+                 contrast_sizes=None, restaged_sizes=None) -> TripleDraw:
     """One step's random draws, always in this order, so that the mask benchmark measures the very triples
     the trainer learns from (same generator, same draws); restaged picks come last, so runs without them draw
     exactly as before."""
@@ -369,8 +370,8 @@ def draw_triples(gen, batch: int, n_exemplars: int, latent_shape, num_train: int
     pick = restaged = None
     if contrast_sizes is not None:
         pick = [int(torch.randint(0, contrast_sizes[i], (1,), generator=gen)) for i in anchor.tolist()]
-    if context_sizes is not None:
-        restaged = [int(torch.randint(0, context_sizes[i], (1,), generator=gen)) for i in anchor.tolist()]
+    if restaged_sizes is not None:
+        restaged = [int(torch.randint(0, restaged_sizes[i], (1,), generator=gen)) for i in anchor.tolist()]
     return TripleDraw(anchor, partner, noise, t, pick, restaged)
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..layers.compositing import to_uint8
+
 SUPERSAMPLE = 4
 HELDOUT_SEED_START = 1_000_000
 
@@ -253,11 +255,7 @@ class _Canvas:
         return cv2.resize(self.img, (size, size), interpolation=cv2.INTER_AREA)
 
     def finish(self, size: int) -> np.ndarray:
-        return _to_uint8(self.small(size))
-
-
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    return np.floor(np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+        return to_uint8(self.small(size))
 
 
 def _draw_figure(cv: _Canvas, species: str, rgb, J: dict, height: float):
@@ -392,7 +390,7 @@ def restage(sample: FigureSample, background: str, seed: int = 0) -> np.ndarray:
         raise ValueError("restage needs a figure rendered with matte=True")
     figure, alpha = sample.matte
     bg, _ = render_background(background, alpha.shape[0], np.random.default_rng([int(seed), 41]))
-    return _to_uint8(figure + (1.0 - alpha)[..., None] * bg)
+    return to_uint8(figure + (1.0 - alpha)[..., None] * bg)
 
 
 def make_figure(seed: int, size: int = 128, species: str | None = None, colour: str | None = None,
