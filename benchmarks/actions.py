@@ -95,6 +95,9 @@ def parse_args(argv=None):
                    help="same: all exemplars of an action in one background (per action), and the unseen subjects "
                         "in the other four, so an identifier that carries that background along shows as a "
                         "background error")
+    p.add_argument("--restage_matte", choices=["exact", "cut_out"], default="exact",
+                   help="how --restage (adi_restaged) gets each exemplar's figure: the renderer's exact matte, or "
+                        "cut out of the image as from a user's photo (layergen.decompose)")
     p.add_argument("--identifier_steps", type=float, default=DEFAULT_IDENTIFIER_STEPS,
                    help="fraction of denoising steps in which every method's identifier acts (ActionPipeline)")
     p.add_argument("--extra", default="", help="Extra training flags for every identifier method (quoted).")
@@ -151,6 +154,8 @@ def identifier_cache_path(args, action: str, method: str, train_args) -> Path | 
     config = {k: v for k, v in vars(train_args).items() if k not in ("output_dir", "output")
               and not (k in TRAINER_ADDED and v == TRAINER_ADDED[k])}  # files learned before a flag existed stay
     exemplars = [args.exemplar_species] + ([] if args.exemplar_background == "distinct" else ["one background"])
+    if args.restage_matte != "exact" and getattr(train_args, "restage", "off") != "off":
+        exemplars.append("cut out")  # only restaging reads the mattes
     key = hashlib.sha1(json.dumps([config, str(args.model), *exemplars], sort_keys=True,
                                   default=str).encode())
     return Path(args.identifier_dir) / f"{action}-{method}-{key.hexdigest()[:10]}.safetensors"
@@ -327,7 +332,7 @@ MERGE_FREE = ("seed", "methods", "identifier_dir", "quick")
 
 
 # config keys added after runs were saved without them, with the value those runs had
-CONFIG_ADDED = {"exemplar_background": "distinct"}  # session 18
+CONFIG_ADDED = {"exemplar_background": "distinct", "restage_matte": "exact"}  # sessions 18, 19
 # trainer settings added likewise (session 19), with the value every earlier identifier was trained with
 TRAINER_ADDED = {"restage": "off", "restage_backgrounds": None, "num_restaged": 3}
 
@@ -384,8 +389,8 @@ def action_setup(args, seed: int, action: str, position: int, size: int):
         else None
     ex = exemplar_set(action, args.num_exemplars, seed=HELDOUT_SEED_START + 1000 * a_idx, size=size, species=one,
                       background=place, matte=True)
-    exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", "matte": s.matte, **s.metadata()}
-                 for k, s in enumerate(ex)]
+    exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", **s.metadata(),
+                  "matte": s.matte if args.restage_matte == "exact" else None} for k, s in enumerate(ex)]
     return exemplars, unseen_subjects(exemplars, args.num_images, seed + a_idx, avoid_background=place)
 
 

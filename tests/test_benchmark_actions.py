@@ -73,6 +73,11 @@ def test_identifier_cache_key_follows_the_training_config(bench, tmp_path):
     assert bench.identifier_cache_path(same, "jump", "adi", parsed("--steps", "300")) != path
     one_place = bench.parse_args(["--identifier_dir", str(tmp_path), "--exemplar_background", "same"])
     assert bench.identifier_cache_path(one_place, "jump", "adi", parsed("--steps", "300")) not in (path, None)
+    cut = bench.parse_args(["--identifier_dir", str(tmp_path), "--restage_matte", "cut_out"])
+    assert bench.identifier_cache_path(cut, "jump", "adi", parsed("--steps", "300")) == path  # no restaging
+    restaged = parsed("--steps", "300", "--restage", "train")
+    assert bench.identifier_cache_path(cut, "jump", "adi", restaged) != bench.identifier_cache_path(args, "jump", "adi",
+                                                                                                     restaged)
     assert bench.identifier_cache_path(bench.parse_args([]), "jump", "adi", parsed("--steps", "300")) is None
     new_default = parsed("--steps", "300")  # the training script's default changed, the benchmark's flags did not
     new_default.mask_momentum = 0.5
@@ -91,7 +96,7 @@ def test_an_actions_exemplars_do_not_depend_on_the_other_actions_run(bench):
         full, alone = bench.parse_args(flags), bench.parse_args([*flags, "--actions", "kick"])
         ex_full, subjects_full = bench.action_setup(full, 3, "kick", full.actions.index("kick"), 32)
         ex_alone, subjects_alone = bench.action_setup(alone, 3, "kick", 0, 32)
-        assert subjects_alone == subjects_full
+        assert subjects_alone == subjects_full and all(e["matte"] is not None for e in ex_full)
         assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(ex_alone, ex_full))
     one_place = bench.parse_args(["--exemplar_background", "same"])
     places = {bench.action_setup(one_place, 3, a, 0, 32)[0][0]["background"] for a in HELDOUT_ACTIONS}
@@ -278,3 +283,10 @@ def test_merge_cli_rejects_unusable_files(bench, tmp_path, capsys):
             bench.main(["--merge", str(good), str(tmp_path / name), "--out", str(tmp_path / "out.json")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_cut_out_exemplars_carry_no_matte(bench):
+    """--restage_matte cut_out: the trainer must cut the figures out itself, as from a user's photos."""
+    args = bench.parse_args(["--restage_matte", "cut_out", "--exemplar_background", "same"])
+    exemplars, _ = bench.action_setup(args, 0, "wave", 1, 32)
+    assert all(e["matte"] is None for e in exemplars) and {e["background"] for e in exemplars} == {"beach"}
