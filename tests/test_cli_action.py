@@ -61,7 +61,11 @@ def test_learn_with_restaged_context_partners(model, tmp_path, capsys, monkeypat
     """Procedural exemplars are cut out and put on the figures' other backgrounds; photos without metadata need
     --restage_backgrounds, and say so."""
     monkeypatch.chdir(tmp_path)
-    assert main(["action", "exemplars", "jump", "ex", "-n", "3", "--size", "32"]) == 0
+    assert main(["action", "exemplars", "jump", "ex", "-n", "3", "--size", "32", "--background", "snow"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ex" / "metadata.jsonl").read_text().splitlines()]
+    assert {r["background"] for r in rows} == {"snow"} and all("snow" in r["caption"] for r in rows)
+    assert main(["action", "exemplars", "jump", "moon", "--background", "moon"]) == 2
+    assert "unknown --background 'moon'" in capsys.readouterr().err and not (tmp_path / "moon").exists()
     common = ["--model", str(model), "--steps", "1", "--num_exemplars", "3", "--restage", "mask"]
     assert main(["action", "learn", "ex", "--name", "jump", *common]) == 0
     assert ActionIdentifier.load(tmp_path / "jump.safetensors").extra_metadata["restage"] == "mask"

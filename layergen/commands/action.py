@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     e.add_argument("-n", "--num", type=int, default=4, help="number of exemplars (default 4)")
     e.add_argument("--seed", type=seed_arg, default=1_000_000, help="seed of the exemplar set")
     e.add_argument("--size", type=int, default=128)
+    e.add_argument("--background", metavar="PLACE",
+                   help="shoot every exemplar in this place (meadow, beach, snow, night, room): a set for which "
+                        "`learn --restage train` keeps the place out of new images")
     e.set_defaults(func=run_exemplars)
 
     learn = sub.add_parser("learn", help="learn an identifier from a folder of exemplar images",
@@ -102,14 +105,16 @@ def run_exemplars(args) -> int:
     from PIL import Image
 
     from ..atomic import atomic_dir
-    from ..data.figures import ACTIONS, exemplar_set
+    from ..data.figures import ACTIONS, FIGURE_BACKGROUNDS, exemplar_set
     from ..errors import LayergenError
 
     if args.action not in ACTIONS:
         raise LayergenError(f"unknown action {args.action!r}; figures can do: {', '.join(ACTIONS)}")
     if not 1 <= args.num <= 24:
         raise LayergenError(f"--num must be in [1, 24], got {args.num}")
-    samples = exemplar_set(args.action, args.num, seed=args.seed, size=args.size)
+    if args.background is not None and args.background not in FIGURE_BACKGROUNDS:
+        raise LayergenError(f"unknown --background {args.background!r}; choose from {', '.join(FIGURE_BACKGROUNDS)}")
+    samples = exemplar_set(args.action, args.num, seed=args.seed, size=args.size, background=args.background)
     with atomic_dir(args.output) as tmp:
         rows = []
         for k, s in enumerate(samples):
