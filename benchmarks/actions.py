@@ -292,7 +292,7 @@ def build_report(config: dict, identifier_training: dict, classifiers: dict, per
                     verdict[f"adi_minus_{abl}_{k.split('_')[0]}_points"] = 100 * (summary["adi"][k]
                                                                                    - summary[abl][k])
     pairs = {}
-    for a, b in (("adi", "ti"), ("adi", "adi_no_mask"), ("adi", "adi_shared")):
+    for a, b in (("adi", "ti"), ("adi", "adi_no_mask"), ("adi", "adi_shared"), ("adi_restaged", "adi")):
         if {a, b} <= set(methods):
             pairs[f"{a}_vs_{b}"] = paired(per_seed, a, b, actions)
             print(f"paired {a} vs {b}: " + ", ".join(
