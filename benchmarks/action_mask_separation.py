@@ -107,9 +107,9 @@ def gradients(T, pipe, ident, exemplars, contrast, twins, probe_images, draws: i
     gen = torch.Generator().manual_seed(0)
     n, b, out = len(exemplars), 4, []
     for _ in range(draws):
-        anchor, partner, noise, t, pick = T.draw_triples(gen, b, n, x_ex.shape[1:],
-                                                         noise_scheduler.config.num_train_timesteps, "focal",
-                                                         [len(x) for x in x_ct])
+        anchor, partner, noise, t, pick, _ = T.draw_triples(gen, b, n, x_ex.shape[1:],
+                                                            noise_scheduler.config.num_train_timesteps, "focal",
+                                                            [len(x) for x in x_ct])
         latents = torch.cat([x_ex[anchor], x_ex[partner], torch.stack([x_ct[i][k] for i, k in
                                                                        zip(anchor.tolist(), pick)]),
                              x_pr[0][anchor], x_pr[1][anchor],
