@@ -17,7 +17,9 @@ alpha only where the exact colour would leave [0, 1].
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
 import sys
 import threading
@@ -121,7 +123,10 @@ class ClosedFormMatting(AlphaMatting):
         if not (trimap == 1.0).any() or not (trimap == 0.0).any():
             alpha = crop_mask.astype(np.float32)
         else:
-            alpha = estimate_alpha_cf(crop_img.astype(np.float64), trimap.astype(np.float64))
+            # pymatting prints a "PERFORMANCE WARNING" to stdout when its preconditioner retries with a larger
+            # shift; the retry succeeds, so it only clutters the CLI's output
+            with contextlib.redirect_stdout(io.StringIO()):
+                alpha = estimate_alpha_cf(crop_img.astype(np.float64), trimap.astype(np.float64))
             alpha = np.asarray(alpha, np.float32)
         if scale < 1.0:
             alpha = cv2.resize(alpha, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
