@@ -343,7 +343,7 @@ def render_figure(species: str, colour: str, background: str, action: str, size:
     """Draw one figure; every random choice (placement, scale, angle jitter, background details) uses `rng`.
 
     `matte` also returns the figure's exact matte (it is drawn once more on black and on white; the image is
-    unchanged), so `restage` can put the very same figure on another background."""
+    unchanged), so the very same figure can be put on another background: `figure + (1 - alpha) * backdrop`."""
     if species not in SPECIES:
         raise ValueError(f"unknown species {species!r}; expected one of {SPECIES}")
     if colour not in FIGURE_COLOURS:
@@ -381,16 +381,6 @@ def render_figure(species: str, colour: str, background: str, action: str, size:
         on_black, on_white = (draw(np.full_like(bg, v)).small(size) for v in (0.0, 1.0))
         cut = (on_black, np.clip(1.0 - (on_white - on_black).mean(-1), 0.0, 1.0).astype(np.float32))
     return FigureSample(image, species, colour, background, action, seed, joints, cut)
-
-
-def restage(sample: FigureSample, background: str, seed: int = 0) -> np.ndarray:
-    """The sample's figure (same pose, place and size) on a freshly drawn `background` (uint8 RGB): a
-    context-different twin for the action mask. Needs a sample rendered with `matte=True`."""
-    if sample.matte is None:
-        raise ValueError("restage needs a figure rendered with matte=True")
-    figure, alpha = sample.matte
-    bg, _ = render_background(background, alpha.shape[0], np.random.default_rng([int(seed), 41]))
-    return to_uint8(figure + (1.0 - alpha)[..., None] * bg)
 
 
 def make_figure(seed: int, size: int = 128, species: str | None = None, colour: str | None = None,
