@@ -154,7 +154,7 @@ def identifier_cache_path(args, action: str, method: str, train_args) -> Path | 
     config = {k: v for k, v in vars(train_args).items() if k not in ("output_dir", "output")
               and not (k in TRAINER_ADDED and v == TRAINER_ADDED[k])}  # files learned before a flag existed stay
     exemplars = [args.exemplar_species] + ([] if args.exemplar_background == "distinct" else ["one background"])
-    if args.restage_matte != "exact" and getattr(train_args, "restage", "off") != "off":
+    if args.restage_matte != "exact" and train_args.restage != "off":
         exemplars.append("cut out")  # only restaging reads the mattes
     key = hashlib.sha1(json.dumps([config, str(args.model), *exemplars], sort_keys=True,
                                   default=str).encode())

@@ -156,6 +156,17 @@ def token_of(name: str) -> str:
 # data
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files of `folder`, sorted by name ([] when it is not a folder)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
+def read_rgb(path: Path, size: int) -> np.ndarray:
+    """An image file as uint8 RGB, resized to size x size; a corrupt file is a clear FormatError."""
+    rgb = decode_image(path.read_bytes(), str(path))[..., :3]
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.LANCZOS))
+
+
 def read_exemplars(folder, limit: int | None = None, size: int = 128) -> list[dict]:
     """Images (RGB uint8, resized) + their metadata.jsonl rows, sorted by file name."""
     folder = Path(folder)
@@ -167,17 +178,12 @@ def read_exemplars(folder, limit: int | None = None, size: int = 128) -> list[di
             if line.strip():
                 row = json.loads(line)
                 meta[row["file_name"]] = row
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if limit:
         files = files[:limit]
     if len(files) < 2:
         raise LayergenError(f"{folder}: need at least 2 exemplar images, found {len(files)}")
-    out = []
-    for f in files:
-        rgb = decode_image(f.read_bytes(), str(f))[..., :3]  # a corrupt file is a clear FormatError
-        img = Image.fromarray(rgb).resize((size, size), Image.LANCZOS)
-        out.append({"image": np.asarray(img), "stem": f.stem, **meta.get(f.name, {})})
-    return out
+    return [{"image": read_rgb(f, size), "stem": f.stem, **meta.get(f.name, {})} for f in files]
 
 
 def build_contrast(args, exemplars, pipe, size: int) -> list[list[dict]]:
@@ -200,12 +206,9 @@ def build_contrast(args, exemplars, pipe, size: int) -> list[list[dict]]:
         if not args.contrast_dir:
             raise LayergenError("--contrast dir needs --contrast_dir")
         folder = Path(args.contrast_dir)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        out = []
-        for e in exemplars:
-            mine = [f for f in files if f.stem.startswith(e["stem"])]
-            out.append([{"image": np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.LANCZOS)),
-                         "caption": e.get("caption")} for f in mine])
+        files = image_files(folder)
+        out = [[{"image": read_rgb(f, size), "caption": e.get("caption")}
+                for f in files if f.stem.startswith(e["stem"])] for e in exemplars]
         if not any(out):
             raise LayergenError(f"{folder}: no image named after an exemplar (<stem>*.png)")
         return out
@@ -235,14 +238,14 @@ def cut_out(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def build_restaged(args, exemplars, size: int) -> list[list[dict]]:
     """Per exemplar, `--num_restaged` copies of its subject on other backgrounds (see the module docstring)."""
-    from layergen.data.figures import FIGURE_BACKGROUNDS, subject_caption
+    from layergen.data.figures import FIGURE_BACKGROUNDS, render_background, subject_caption
 
     if args.restage == "off" or (args.restage == "mask" and args.mask_quantile <= 0):
         return [[] for _ in exemplars]
     files = []
     if args.restage_backgrounds:
         folder = Path(args.restage_backgrounds)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        files = image_files(folder)
         if not files:
             raise LayergenError(f"--restage_backgrounds {folder}: no background images there")
     rng = np.random.default_rng([int(args.seed), 43])
@@ -255,11 +258,8 @@ def build_restaged(args, exemplars, size: int) -> list[list[dict]]:
         figure, alpha = e["matte"] if e.get("matte") is not None else cut_out(e["image"])
         if files:
             picks = [files[int(k)] for k in rng.permutation(len(files))[: args.num_restaged]]
-            backdrops = [(np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.LANCZOS),
-                                     np.float32) / 255.0, e.get("caption")) for f in picks]
+            backdrops = [(read_rgb(f, size).astype(np.float32) / 255.0, e.get("caption")) for f in picks]
         else:
-            from layergen.data.figures import render_background
-
             others = [b for b in FIGURE_BACKGROUNDS if b != e["background"]]
             picks = [others[int(k)] for k in rng.permutation(len(others))[: args.num_restaged]]
             backdrops = [(render_background(b, size, np.random.default_rng([int(args.seed), 47, i, k]))[0],

@@ -126,6 +126,36 @@ def test_restaged_copies_show_the_subject_in_other_places(parts, tmp_path):
     with pytest.raises(mod.LayergenError, match="no background images"):
         mod.build_restaged(mod.parse_args([*base, "--restage", "mask", "--restage_backgrounds", str(tmp_path)]),
                            photos, 32)
+    places = tmp_path / "places"
+    places.mkdir()
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(places / "red.png")
+    with_places = mod.parse_args([*base, "--restage", "mask", "--restage_backgrounds", str(places)])
+    [[copy]] = mod.build_restaged(with_places, photos[:1], 32)  # one place: one copy
+    assert copy["caption"] == "a photo" and copy["image"].shape == (32, 32, 3)
+    (places / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(mod.LayergenError, match="broken.jpg: cannot decode image"):
+        mod.build_restaged(mod.parse_args([*base, "--restage", "mask", "--restage_backgrounds", str(places),
+                                           "--num_restaged", "2"]), photos[:1], 32)
+
+
+def test_contrast_dir_pairs_files_with_exemplars_by_name(tmp_path):
+    """--contrast dir: `<stem>*.png` belong to that exemplar; none at all is a clear error, as is a corrupt file."""
+    mod = load_script()
+    folder = tmp_path / "contrast"
+    folder.mkdir()
+    for name, rgb in (("a-sit.png", (255, 0, 0)), ("a-run.png", (0, 255, 0)), ("b-sit.png", (0, 0, 255))):
+        Image.new("RGB", (20, 20), rgb).save(folder / name)
+    args = mod.parse_args(["--name", "jump", "--output_dir", str(tmp_path), "--contrast", "dir", "--contrast_dir",
+                           str(folder)])
+    exemplars = [{"stem": "a", "caption": "x"}, {"stem": "b"}, {"stem": "c"}]
+    a, b, c = mod.build_contrast(args, exemplars, None, 8)
+    assert [im["image"][0, 0].tolist() for im in a] == [[0, 255, 0], [255, 0, 0]] and a[0]["caption"] == "x"
+    assert [im["image"][0, 0].tolist() for im in b] == [[0, 0, 255]] and c == [] and a[0]["image"].shape == (8, 8, 3)
+    with pytest.raises(mod.LayergenError, match="no image named after an exemplar"):
+        mod.build_contrast(args, [{"stem": "z"}], None, 8)
+    (folder / "z.png").write_bytes(b"not an image")
+    with pytest.raises(mod.LayergenError, match="z.png: cannot decode image"):
+        mod.build_contrast(args, [{"stem": "z"}], None, 8)
 
 
 def test_cut_out_finds_the_figure_in_a_photo_like_exemplar(capsys):
