@@ -7,6 +7,8 @@ What it compares (one run, same base model, same exemplars, same steps, same see
   adi_shared    one token for all layers + mask                   (ablation: layer-wise tokens)
   adi_restaged  adi that also learns from each exemplar's figure put on the other backgrounds (exact mattes of
                 the renders; `--restage train`): for exemplars that share a place
+  adi_eigen     adi whose mask compares each anchor with its restaged self (`--restage mask`) and freezes the 2 %
+                most context-like *directions* of each row instead of half its channels (`--mask_basis eigen`)
   ti            plain Textual Inversion: one input token, template "a <token>"
   ti_captioned  Textual Inversion with ADI's captioned template   (extra: isolates the template)
   base          no identifier at all (the model's pose prior on these prompts)
@@ -70,6 +72,7 @@ METHODS = {
     "adi_no_mask": ["--method", "adi", "--mask_quantile", "0"],
     "adi_shared": ["--method", "adi", "--shared_token"],
     "adi_restaged": ["--method", "adi", "--restage", "train"],
+    "adi_eigen": ["--method", "adi", "--restage", "mask", "--mask_basis", "eigen", "--mask_quantile", "0.02"],
     "ti": ["--method", "textual_inversion"],
     "ti_captioned": ["--method", "textual_inversion", "--template", "{caption} {token}"],
     "base": None,
@@ -292,7 +295,8 @@ def build_report(config: dict, identifier_training: dict, classifiers: dict, per
                     verdict[f"adi_minus_{abl}_{k.split('_')[0]}_points"] = 100 * (summary["adi"][k]
                                                                                    - summary[abl][k])
     pairs = {}
-    for a, b in (("adi", "ti"), ("adi", "adi_no_mask"), ("adi", "adi_shared"), ("adi_restaged", "adi")):
+    for a, b in (("adi", "ti"), ("adi", "adi_no_mask"), ("adi", "adi_shared"), ("adi_restaged", "adi"),
+                 ("adi_eigen", "adi_no_mask"), ("adi_eigen", "ti"), ("adi_eigen", "adi_restaged")):
         if {a, b} <= set(methods):
             pairs[f"{a}_vs_{b}"] = paired(per_seed, a, b, actions)
             print(f"paired {a} vs {b}: " + ", ".join(
@@ -334,7 +338,7 @@ MERGE_FREE = ("seed", "methods", "identifier_dir", "quick")
 # config keys added after runs were saved without them, with the value those runs had
 CONFIG_ADDED = {"exemplar_background": "distinct", "restage_matte": "exact"}  # sessions 18, 19
 # trainer settings added likewise (session 19), with the value every earlier identifier was trained with
-TRAINER_ADDED = {"restage": "off", "restage_backgrounds": None, "num_restaged": 3}
+TRAINER_ADDED = {"restage": "off", "restage_backgrounds": None, "num_restaged": 3, "mask_basis": "channel"}
 
 
 def merge_reports(reports: list[dict]) -> dict:

@@ -98,6 +98,10 @@ def parse_args(argv=None):
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--mask_quantile", type=float, default=0.5,
                    help="Fraction of each layer's channels masked as action-agnostic per step (0 = no mask).")
+    p.add_argument("--mask_basis", default="channel", choices=["channel", "eigen"],
+                   help="channel: mask identifier channels (ADI); eigen: freeze the --mask_quantile fraction of "
+                        "directions whose gradient differences are most context-like (eigenvectors of the "
+                        "difference of the two gradient-difference covariances)")
     p.add_argument("--mask_momentum", type=float, default=0.98,
                    help="EMA of the mask statistics across steps. One step's channel score is mostly noise "
                         "(docs/actions.md), so the default averages ~50 steps; 0 = a fresh mask every step.")
@@ -501,7 +505,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
         ident.embeddings.copy_(states.initial_vector(prompts)[None].expand_as(ident.embeddings))
     max_norms = ident.embeddings.detach().norm(dim=-1) * args.max_norm_ratio
     masker = GradientInvarianceMasker(ident.num_rows, ident.embeddings.shape[1], args.mask_quantile,
-                                      args.mask_momentum).to(accelerator.device)
+                                      args.mask_momentum, args.mask_basis).to(accelerator.device)
 
     x_ex = encode_images(pipe, [e["image"] for e in exemplars])
     has_contrast = args.mask_quantile > 0 and all(len(c) > 0 for c in contrast)

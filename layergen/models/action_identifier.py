@@ -409,15 +409,18 @@ class GradientInvarianceMasker(nn.Module):
     over steps with an EMA (0 = ADI's per-step mask).
     """
 
-    def __init__(self, rows: int, dim: int, quantile: float = 0.5, momentum: float = 0.0):
+    def __init__(self, rows: int, dim: int, quantile: float = 0.5, momentum: float = 0.0, basis: str = "channel"):
         super().__init__()
         if not 0.0 <= quantile < 1.0:
             raise LayergenError(f"mask quantile must be in [0, 1), got {quantile}")
         if not 0.0 <= momentum < 1.0:
             raise LayergenError(f"mask momentum must be in [0, 1), got {momentum}")
-        self.quantile, self.momentum = float(quantile), float(momentum)
-        self.register_buffer("d_ctx", torch.zeros(rows, dim))
-        self.register_buffer("d_act", torch.zeros(rows, dim))
+        if basis not in ("channel", "eigen"):
+            raise LayergenError(f"mask basis must be 'channel' or 'eigen', got {basis!r}")
+        self.quantile, self.momentum, self.basis = float(quantile), float(momentum), basis
+        shape = (rows, dim) if basis == "channel" else (rows, dim, dim)
+        self.register_buffer("d_ctx", torch.zeros(shape))
+        self.register_buffer("d_act", torch.zeros(shape))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     @staticmethod
@@ -426,7 +429,10 @@ class GradientInvarianceMasker(nn.Module):
 
     @torch.no_grad()
     def update(self, g_anchor: torch.Tensor, g_context: torch.Tensor, g_action: torch.Tensor | None = None):
-        """Per-sample gradients, N x rows x D each; returns the keep-mask (rows x D bool)."""
+        """Per-sample gradients, N x rows x D each; returns the keep-mask (rows x D bool), or with the eigen
+        basis the directions to freeze (rows x D x k)."""
+        if self.basis == "eigen":
+            return self._update_eigen(g_anchor, g_context, g_action)
         d_ctx = self._normalise((g_anchor - g_context).abs().float().mean(0))
         d_act = (self._normalise((g_anchor - g_action).abs().float().mean(0)) if g_action is not None
                  else torch.zeros_like(d_ctx))
@@ -435,6 +441,22 @@ class GradientInvarianceMasker(nn.Module):
         self.d_act.mul_(m).add_(d_act.to(self.d_act), alpha=1 - m)
         self.steps += 1
         return self.keep_mask(has_action=g_action is not None)
+
+    @staticmethod
+    def _covariance(d: torch.Tensor) -> torch.Tensor:
+        c = torch.einsum("nrd,nre->rde", d, d) / d.shape[0]
+        return c / c.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-30)
+
+    def _update_eigen(self, g_anchor, g_context, g_action):
+        c_ctx = self._covariance((g_anchor - g_context).float())
+        c_act = self._covariance((g_anchor - g_action).float()) if g_action is not None else torch.zeros_like(c_ctx)
+        m = self.momentum if int(self.steps) > 0 else 0.0
+        self.d_ctx.mul_(m).add_(c_ctx.to(self.d_ctx), alpha=1 - m)
+        self.d_act.mul_(m).add_(c_act.to(self.d_act), alpha=1 - m)
+        self.steps += 1
+        score = (self.d_act if g_action is not None else 0.0) - self.d_ctx
+        k = int(round(self.quantile * score.shape[-1]))
+        return torch.linalg.eigh(score.double())[1][..., :k].to(score.dtype)
 
     def keep_mask(self, has_action: bool = True) -> torch.Tensor:
         score = (self.d_act if has_action else 0.0) - self.d_ctx
@@ -459,6 +481,19 @@ def masked_step(optimizer, param: torch.Tensor, keep: torch.Tensor | None) -> No
     decoupled weight decay would still move them. So their gradient is zeroed (keeping
     the moment estimates clean) *and* their values are restored after the step.
     """
+    if keep is not None and keep.dtype != torch.bool:  # directions to freeze, rows x D x k
+        freeze = keep.to(param)
+
+        def drop(x):
+            return x - torch.einsum("rdk,rk->rd", freeze, torch.einsum("rdk,rd->rk", freeze, x))
+
+        frozen = param.detach().clone()
+        if param.grad is not None:
+            param.grad.copy_(drop(param.grad))
+        optimizer.step()
+        with torch.no_grad():
+            param.copy_(frozen + drop(param - frozen))
+        return
     if keep is None or bool(keep.all()):
         optimizer.step()
         return

@@ -185,6 +185,39 @@ def test_gradient_invariance_mask_keeps_action_channels():
     assert keep2.tolist() == keep.tolist()
 
 
+def test_eigen_mask_freezes_the_context_direction_and_nothing_along_it_moves():
+    """The eigen basis finds a context direction that is not a channel, and AdamW (momentum, decay) never moves
+    the identifier along it; the other directions still move."""
+    torch.manual_seed(0)
+    n, rows, dim = 64, 2, 8
+    ctx_dir = torch.nn.functional.normalize(torch.ones(dim), dim=0)  # spread over every channel
+    act_dir = torch.nn.functional.normalize(torch.tensor([1.0, -1.0] * 4), dim=0)  # orthogonal to it
+    base = torch.randn(n, rows, dim)
+    ctx = base + 3 * torch.randn(n, rows, 1) * ctx_dir + 0.1 * torch.randn(n, rows, dim)
+    act = base + 3 * torch.randn(n, rows, 1) * act_dir + 0.1 * torch.randn(n, rows, dim)
+    masker = GradientInvarianceMasker(rows, dim, quantile=1 / dim, basis="eigen")
+    freeze = masker.update(base, ctx, act)
+    assert freeze.shape == (rows, dim, 1)
+    assert (freeze[..., 0] @ ctx_dir).abs().min() > 0.99
+    assert (freeze[..., 0] @ act_dir).abs().max() < 0.05
+    # the channel mask cannot express it: every channel carries the context direction alike
+    assert GradientInvarianceMasker(rows, dim, quantile=1 / dim).update(base, ctx, act).sum() == rows * (dim - 1)
+
+    p = torch.nn.Parameter(torch.randn(rows, dim))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.5)
+    p.grad = torch.randn(rows, dim)
+    opt.step()  # momentum along every direction
+    for _ in range(3):
+        before = p.detach().clone()
+        p.grad = torch.randn(rows, dim)
+        masked_step(opt, p, freeze)
+        moved = p.detach() - before
+        assert torch.einsum("rdk,rd->rk", freeze, moved).abs().max() < 1e-6
+        assert moved.norm(dim=-1).min() > 0.1
+    with pytest.raises(LayergenError, match="basis"):
+        GradientInvarianceMasker(1, 4, basis="rotated")
+
+
 def test_prompt_substitution_and_masks():
     tok = tiny_tokenizer()
     unet = tiny_unet(4, 24, None)

@@ -267,6 +267,33 @@ def test_masked_channels_never_move_during_training(parts, tmp_path):
     assert (tmp_path / "jump.safetensors").is_file()
 
 
+def test_eigen_mask_trains_and_freezes_its_directions(parts, tmp_path, monkeypatch):
+    """--mask_basis eigen: each step freezes round(quantile * D) directions of every row, and the identifier does
+    not move along them."""
+    mod = load_script()
+    args = mod.parse_args(["--name", "jump", "--output_dir", str(tmp_path), "--initializer_token", "star",
+                           "--num_exemplars", "3", "--steps", "2", "--mask_quantile", "0.1", "--mask_basis", "eigen",
+                           "--contrast", "render", "--num_contrast", "1", "--validation_steps", "0",
+                           "--checkpointing_steps", "100", "--train_batch_size", "2"])
+    pipe = ActionPipeline.from_pretrained(parts / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    exemplars = mod.read_exemplars(parts / "exemplars", 3, 32)
+    history, original = [], mod.masked_step
+
+    def spy(optimizer, param, freeze):
+        before = param.detach().clone()
+        original(optimizer, param, freeze)
+        history.append((before, param.detach().clone(), freeze.clone()))
+
+    monkeypatch.setattr(mod, "masked_step", spy)
+    ident = mod.train(args, pipe=pipe, exemplars=exemplars, show_progress=False)
+    assert len(history) == 2
+    for before, after, freeze in history:
+        assert freeze.shape == (ident.num_rows, 32, 3)  # round(0.1 * 32) directions per layer
+        assert torch.einsum("rdk,rd->rk", freeze, after - before).abs().max() < 1e-5
+        assert (after - before).norm(dim=-1).min() > 0
+
+
 def test_textual_inversion_and_shared_token_variants(parts, tmp_path):
     mod = load_script()
     pipe = ActionPipeline.from_pretrained(parts / "pipe")
