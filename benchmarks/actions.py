@@ -191,10 +191,23 @@ def score(images, subjects, exemplar_subjects, action, pose_clf, subject_clf, sc
         background_ok = [b == subjects[k][2] for k, b in enumerate(scene_clf.predict(images)["background"])]
         out["background_acc"] = float(np.mean(background_ok))
         out["correct"]["background"] = [int(b) for b in background_ok]
+        add_in_place(out)
     return out
 
 
-KEYS = ("action_acc", "subject_acc", "joint_acc", "species_acc", "colour_acc", "leak", "background_acc")
+def add_in_place(cell: dict) -> dict:
+    """`in_place`: the action *and* the prompt's background in one image. An identifier that carries its
+    exemplars' place along can still draw the action, but in the wrong place; this score counts only the task.
+    Derived from the stored per-image results, so runs scored before it existed get it on merging."""
+    c = cell["correct"]
+    if "background" in c and "in_place" not in c:
+        c["in_place"] = [int(a and b) for a, b in zip(c["action"], c["background"])]
+        cell["in_place_acc"] = float(np.mean(c["in_place"]))
+    return cell
+
+
+KEYS = ("action_acc", "subject_acc", "joint_acc", "species_acc", "colour_acc", "leak", "background_acc",
+        "in_place_acc")
 
 
 def keys_of(per_seed: dict) -> list[str]:
@@ -237,7 +250,7 @@ def sign_test_p(wins: int, losses: int) -> float:
 def paired(per_seed: dict, a: str, b: str, actions) -> dict:
     """Images `a` got right and `b` did not, and the reverse, per score, over every seed and action."""
     out = {}
-    for key in ("action", "subject", "joint", "background"):
+    for key in ("action", "subject", "joint", "background", "in_place"):
         if not all(key in per_seed[s][m][act]["correct"] for s in per_seed for m in (a, b) for act in actions):
             continue
         x = [v for s in per_seed for act in actions for v in per_seed[s][a][act]["correct"][key]]
@@ -371,7 +384,7 @@ def merge_reports(reports: list[dict]) -> dict:
             for m, by_action in run["per_action"].items():
                 if m in cell:
                     raise ValueError(f"cannot merge: seed {seed} of {m} is in more than one run")
-                cell[m] = by_action
+                cell[m] = {a: add_in_place(c) for a, c in by_action.items()}
     order = list(METHODS)
     methods = [m for m in order if all(m in cell for cell in per_seed.values())]
     per_seed = {s: {m: per_seed[s][m] for m in methods} for s in sorted(per_seed)}

@@ -129,11 +129,27 @@ def test_scene_judge_scores_the_prompts_background(bench):
     assert summary["adi"]["background_acc"] == 0.5 and summary["ti"]["background_acc"] == 0.25
     pairs = bench.paired(per_seed, "adi", "ti", ["jump"])["background"]
     assert (pairs["only_adi"], pairs["only_ti"]) == (1, 0)  # image 2 (room) only adi; image 0 (snow) both
-    plain = {k: v for k, v in cell.items() if k != "background_acc"}
-    plain["correct"] = {k: v for k, v in cell["correct"].items() if k != "background"}
+    plain = {k: v for k, v in cell.items() if k not in ("background_acc", "in_place_acc")}
+    plain["correct"] = {k: v for k, v in cell["correct"].items() if k not in ("background", "in_place")}
     mixed = {0: {"adi": {"jump": plain}, "ti": {"jump": other | {"seconds": 1.0}}}}
     assert "background_acc" not in bench.pool(mixed, ["adi", "ti"], ["jump"])[0]["adi"]
     assert "background" not in bench.paired(mixed, "adi", "ti", ["jump"])
+
+def test_action_in_the_prompts_place_counts_both_in_one_image(bench):
+    images = np.zeros((4, 8, 8, 3), np.float32)
+    subjects = [("cat", "red", "snow"), ("bird", "blue", "beach"), ("frog", "green", "room"), ("robot", "red", "night")]
+    pose = FakeJudge(action=["jump", "jump", "sit", "jump"])
+    subj = FakeJudge(species=["cat", "bird", "frog", "robot"], colour=["red", "blue", "green", "red"])
+    scene = FakeJudge(background=["snow", "meadow", "room", "night"])
+    r = bench.score(images, subjects, set(), "jump", pose, subj, scene)
+    assert r["correct"]["in_place"] == [1, 0, 0, 1] and r["in_place_acc"] == 0.5
+    # a cell stored before the score existed gets it when merged (derived from its per-image results)
+    old = {k: v for k, v in r.items() if k != "in_place_acc"} | {"seconds": 1.0}
+    old["correct"] = {k: v for k, v in r["correct"].items() if k != "in_place"}
+    assert bench.add_in_place(old)["correct"]["in_place"] == [1, 0, 0, 1] and old["in_place_acc"] == 0.5
+    none = bench.score(images, subjects, set(), "jump", pose, subj)
+    assert "in_place" not in bench.add_in_place(none)["correct"]  # no scene judge, no place
+
 
 def test_seeds_pool_image_by_image_and_pair_the_methods(bench):
     per_seed = {

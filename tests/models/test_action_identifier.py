@@ -149,7 +149,8 @@ def test_row_norm_cap_rescales_only_kept_channels():
     before = p.clone()
     frozen_norm = before[:, 5:].norm(dim=-1)
     target = float(frozen_norm[1] + 0.5 * (before[1].norm() - frozen_norm[1]))
-    caps = torch.tensor([1e6, target, 0.5 * float(frozen_norm[2])])  # row 0 under its cap; row 2's frozen part exceeds it
+    # row 0 under its cap; row 2's frozen part exceeds it
+    caps = torch.tensor([1e6, target, 0.5 * float(frozen_norm[2])])
     limit_row_norms(p, caps, keep)
     assert torch.equal(p[~keep], before[~keep])  # masked channels never move
     assert torch.equal(p[0], before[0])
