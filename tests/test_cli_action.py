@@ -58,8 +58,8 @@ def test_exemplars_learn_generate(model, tmp_path, capsys, monkeypatch):
 
 
 def test_learn_with_restaged_context_partners(model, tmp_path, capsys, monkeypatch):
-    """Procedural exemplars are cut out and put on the figures' other backgrounds; photos without metadata need
-    --restage_backgrounds, and say so."""
+    """Procedural exemplars are cut out and put on the figures' other backgrounds (with the eigen mask, which then
+    masks 2 % of the directions); photos without metadata need --restage_backgrounds, and say so."""
     monkeypatch.chdir(tmp_path)
     assert main(["action", "exemplars", "jump", "ex", "-n", "3", "--size", "32", "--background", "snow"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "ex" / "metadata.jsonl").read_text().splitlines()]
@@ -67,8 +67,9 @@ def test_learn_with_restaged_context_partners(model, tmp_path, capsys, monkeypat
     assert main(["action", "exemplars", "jump", "moon", "--background", "moon"]) == 2
     assert "unknown --background 'moon'" in capsys.readouterr().err and not (tmp_path / "moon").exists()
     common = ["--model", str(model), "--steps", "1", "--num_exemplars", "3", "--restage", "mask"]
-    assert main(["action", "learn", "ex", "--name", "jump", *common]) == 0
-    assert ActionIdentifier.load(tmp_path / "jump.safetensors").extra_metadata["restage"] == "mask"
+    assert main(["action", "learn", "ex", "--name", "jump", *common, "--mask_basis", "eigen"]) == 0
+    meta = ActionIdentifier.load(tmp_path / "jump.safetensors").extra_metadata
+    assert (meta["restage"], meta["mask_basis"], meta["mask_quantile"]) == ("mask", "eigen", "0.02")
     (tmp_path / "photos").mkdir()
     for f in (tmp_path / "ex").glob("*.png"):
         (tmp_path / "photos" / f.name).write_bytes(f.read_bytes())

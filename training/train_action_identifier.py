@@ -35,6 +35,12 @@ several places. Cut-outs: exact mattes for procedural figures passed in memory (
 `layergen.decompose`'s automatic proposal + closed-form matting. Backgrounds: `--restage_backgrounds DIR`,
 or, for procedural figures, the other figure backgrounds.
 
+`--mask_basis eigen` masks *directions* instead of channels: the `--mask_quantile` fraction of each row's
+directions whose gradient differences are most context-like (eigenvectors of the difference of the action- and
+context-difference covariances) is frozen. On the mini model pose and context share channels, so a channel mask
+that keeps a place out keeps the action out too; a few directions (2 %) with `--restage mask` do not
+(docs/actions.md, session 20).
+
 Resume with `--resume_from_checkpoint latest`; validation grids go to `<output_dir>`.
 """
 from __future__ import annotations
@@ -96,12 +102,14 @@ def parse_args(argv=None):
                    help="Default 5e-2 (output-space tokens) or 2e-2 (textual inversion); see docs/actions.md.")
     p.add_argument("--weight_decay", type=float, default=1e-2)
     p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--mask_quantile", type=float, default=0.5,
-                   help="Fraction of each layer's channels masked as action-agnostic per step (0 = no mask).")
+    p.add_argument("--mask_quantile", type=float, default=None,
+                   help="Fraction of each layer's channels (or directions) masked as action-agnostic per step "
+                        "(0 = no mask; default 0.5 for channels, 0.02 for directions).")
     p.add_argument("--mask_basis", default="channel", choices=["channel", "eigen"],
                    help="channel: mask identifier channels (ADI); eigen: freeze the --mask_quantile fraction of "
                         "directions whose gradient differences are most context-like (eigenvectors of the "
-                        "difference of the two gradient-difference covariances)")
+                        "difference of the two gradient-difference covariances). With --restage mask it keeps a "
+                        "place all exemplars share out of new images (docs/actions.md)")
     p.add_argument("--mask_momentum", type=float, default=0.98,
                    help="EMA of the mask statistics across steps. One step's channel score is mostly noise "
                         "(docs/actions.md), so the default averages ~50 steps; 0 = a fresh mask every step.")
@@ -140,6 +148,8 @@ def parse_args(argv=None):
         args.learning_rate = 2e-2 if args.method == "textual_inversion" else 5e-2
     if args.template is None:
         args.template = "a {token}" if args.method == "textual_inversion" else "{caption} {token}"
+    if args.mask_quantile is None:  # a few directions carry what half of the channels do
+        args.mask_quantile = 0.02 if args.mask_basis == "eigen" else 0.5
     if args.method == "textual_inversion":
         args.mask_quantile = 0.0
     if args.num_exemplars < 2:
@@ -572,7 +582,7 @@ def train(args, pipe=None, exemplars=None, contrast=None, accelerator=None, show
     accelerator.wait_for_everyone()
     ident.extra_metadata = {"method": args.method, "steps": str(args.max_train_steps),
                             "mask_quantile": str(args.mask_quantile), "num_exemplars": str(n_ex),
-                            "template": args.template, "restage": args.restage}
+                            "template": args.template, "restage": args.restage, "mask_basis": args.mask_basis}
     if accelerator.is_main_process:
         dest = Path(args.output) if args.output else out / f"{args.name.strip('<>')}.safetensors"
         ident.save(dest)

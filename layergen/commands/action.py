@@ -49,7 +49,11 @@ def register(subparsers) -> None:
     learn.add_argument("--steps", type=int, help="optimisation steps (default 600)")
     learn.add_argument("--num_exemplars", type=int, help="use the first N exemplars (default 4)")
     learn.add_argument("--mask_quantile", type=float,
-                       help="share of channels masked as action-agnostic (default 0.5; 0 = no mask)")
+                       help="share of channels (directions) masked as action-agnostic (default 0.5 for channels, "
+                            "0.02 for directions; 0 = no mask)")
+    learn.add_argument("--mask_basis", choices=["channel", "eigen"],
+                       help="mask channels (ADI, the default) or the most context-like directions; with --restage "
+                            "mask, eigen keeps a place all exemplars share out of new images")
     learn.add_argument("--contrast", choices=["auto", "render", "generate", "dir", "none"],
                        help="where the action-different images come from (default auto)")
     learn.add_argument("--restage", choices=["off", "mask", "train"],
@@ -148,7 +152,7 @@ def run_learn(args) -> int:
                 "--output_dir", args.work_dir or tmp, "--validation_steps", "0"]
         if not args.work_dir:  # nobody will resume from a temporary folder
             argv += ["--checkpointing_steps", str(10 ** 9)]
-        for flag in ("method", "steps", "num_exemplars", "mask_quantile", "contrast", "restage",
+        for flag in ("method", "steps", "num_exemplars", "mask_quantile", "mask_basis", "contrast", "restage",
                      "restage_backgrounds", "seed"):
             if getattr(args, flag) is not None:
                 argv += [f"--{flag}", str(getattr(args, flag))]
