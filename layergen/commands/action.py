@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     e.add_argument("--size", type=int, default=128)
     e.add_argument("--background", metavar="PLACE",
                    help="shoot every exemplar in this place (meadow, beach, snow, night, room): a set for which "
-                        "`learn --restage train` keeps the place out of new images")
+                        "`learn --restage mask --mask_basis eigen` keeps the place out of new images")
     e.set_defaults(func=run_exemplars)
 
     learn = sub.add_parser("learn", help="learn an identifier from a folder of exemplar images",
