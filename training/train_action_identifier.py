@@ -148,6 +148,9 @@ def parse_args(argv=None):
         args.learning_rate = 2e-2 if args.method == "textual_inversion" else 5e-2
     if args.template is None:
         args.template = "a {token}" if args.method == "textual_inversion" else "{caption} {token}"
+    if args.mask_basis == "eigen" and args.max_norm_ratio > 0:
+        p.error("--max_norm_ratio rescales whole channels, which would move the eigen mask's frozen directions; "
+                "use it with --mask_basis channel")
     if args.mask_quantile is None:  # a few directions carry what half of the channels do
         args.mask_quantile = 0.02 if args.mask_basis == "eigen" else 0.5
     if args.method == "textual_inversion":

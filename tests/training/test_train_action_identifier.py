@@ -288,6 +288,9 @@ def test_eigen_mask_trains_and_freezes_its_directions(parts, tmp_path, monkeypat
     monkeypatch.setattr(mod, "masked_step", spy)
     ident = mod.train(args, pipe=pipe, exemplars=exemplars, show_progress=False)
     assert len(history) == 2
+    assert mod.parse_args(["--name", "j", "--output_dir", ".", "--mask_basis", "eigen"]).mask_quantile == 0.02
+    with pytest.raises(SystemExit):  # a norm cap rescales whole channels: it would move frozen directions
+        mod.parse_args(["--name", "j", "--output_dir", ".", "--mask_basis", "eigen", "--max_norm_ratio", "2"])
     for before, after, freeze in history:
         assert freeze.shape == (ident.num_rows, 32, 3)  # round(0.1 * 32) directions per layer
         assert torch.einsum("rdk,rd->rk", freeze, after - before).abs().max() < 1e-5
