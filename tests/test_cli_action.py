@@ -118,7 +118,10 @@ def test_learn_help_states_the_trainers_defaults(capsys):
         main(["action", "learn", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"default {defaults.method}" in text and f"(default {defaults.max_train_steps})" in text
-    assert f"(default {defaults.num_exemplars})" in text and f"(default {defaults.mask_quantile};" in text
+    eigen = training_script().parse_args(["--exemplars", "e", "--name", "n", "--output_dir", "o", "--mask_basis",
+                                          "eigen"])
+    assert f"(default {defaults.num_exemplars})" in text
+    assert f"(default {defaults.mask_quantile} for channels, {eigen.mask_quantile} for directions;" in text
     assert f"(default {defaults.contrast})" in text
 
 
