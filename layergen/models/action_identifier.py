@@ -407,6 +407,12 @@ class GradientInvarianceMasker(nn.Module):
     ties broken by index) is action-agnostic and masked. Without action-different samples
     the score is ``-d_ctx`` (context invariance alone). `momentum` > 0 smooths the statistics
     over steps with an EMA (0 = ADI's per-step mask).
+
+    ``basis="eigen"`` ranks *directions* instead of channels: the same two differences give two
+    covariances per row (each over its trace), and the `quantile` fraction of eigenvectors of
+    (action - context) with the lowest eigenvalues is frozen. Where pose and context share
+    channels (the mini model), a few such directions keep context out without the action;
+    it keeps rows x D x D statistics twice (75 MB for SD 1.5's 16 x 768, 2.3 GB for SDXL).
     """
 
     def __init__(self, rows: int, dim: int, quantile: float = 0.5, momentum: float = 0.0, basis: str = "channel"):
@@ -479,7 +485,9 @@ def masked_step(optimizer, param: torch.Tensor, keep: torch.Tensor | None) -> No
 
     Zeroing their gradient is not enough under AdamW: momentum from earlier steps and
     decoupled weight decay would still move them. So their gradient is zeroed (keeping
-    the moment estimates clean) *and* their values are restored after the step.
+    the moment estimates clean) *and* their values are restored after the step. `keep` may
+    also be directions to freeze (rows x D x k floats, the eigen mask): the same two halves,
+    as projections.
     """
     if keep is not None and keep.dtype != torch.bool:  # directions to freeze, rows x D x k
         freeze = keep.to(param)
