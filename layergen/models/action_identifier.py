@@ -429,43 +429,35 @@ class GradientInvarianceMasker(nn.Module):
         self.register_buffer("d_act", torch.zeros(shape))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
-    @staticmethod
-    def _normalise(d: torch.Tensor) -> torch.Tensor:
+    def _statistic(self, d: torch.Tensor) -> torch.Tensor:
+        """Channel: mean |difference| per channel over the row mean (rows x D). Eigen: covariance of the
+        differences over its trace (rows x D x D). Either way layers of different gradient scale compare."""
+        d = d.float()
+        if self.basis == "eigen":
+            c = torch.einsum("nrd,nre->rde", d, d) / d.shape[0]
+            return c / c.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-30)
+        d = d.abs().mean(0)
         return d / d.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def update(self, g_anchor: torch.Tensor, g_context: torch.Tensor, g_action: torch.Tensor | None = None):
         """Per-sample gradients, N x rows x D each; returns the keep-mask (rows x D bool), or with the eigen
         basis the directions to freeze (rows x D x k)."""
-        if self.basis == "eigen":
-            return self._update_eigen(g_anchor, g_context, g_action)
-        d_ctx = self._normalise((g_anchor - g_context).abs().float().mean(0))
-        d_act = (self._normalise((g_anchor - g_action).abs().float().mean(0)) if g_action is not None
-                 else torch.zeros_like(d_ctx))
+        d_ctx = self._statistic(g_anchor - g_context)
+        d_act = self._statistic(g_anchor - g_action) if g_action is not None else torch.zeros_like(d_ctx)
         m = self.momentum if int(self.steps) > 0 else 0.0
         self.d_ctx.mul_(m).add_(d_ctx.to(self.d_ctx), alpha=1 - m)
         self.d_act.mul_(m).add_(d_act.to(self.d_act), alpha=1 - m)
         self.steps += 1
         return self.keep_mask(has_action=g_action is not None)
 
-    @staticmethod
-    def _covariance(d: torch.Tensor) -> torch.Tensor:
-        c = torch.einsum("nrd,nre->rde", d, d) / d.shape[0]
-        return c / c.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None].clamp_min(1e-30)
-
-    def _update_eigen(self, g_anchor, g_context, g_action):
-        c_ctx = self._covariance((g_anchor - g_context).float())
-        c_act = self._covariance((g_anchor - g_action).float()) if g_action is not None else torch.zeros_like(c_ctx)
-        m = self.momentum if int(self.steps) > 0 else 0.0
-        self.d_ctx.mul_(m).add_(c_ctx.to(self.d_ctx), alpha=1 - m)
-        self.d_act.mul_(m).add_(c_act.to(self.d_act), alpha=1 - m)
-        self.steps += 1
-        score = (self.d_act if g_action is not None else 0.0) - self.d_ctx
-        k = int(round(self.quantile * score.shape[-1]))
-        return torch.linalg.eigh(score.double())[1][..., :k].to(score.dtype)
-
     def keep_mask(self, has_action: bool = True) -> torch.Tensor:
+        """The channels to keep (rows x D bool) or, with the eigen basis, the directions to freeze: the
+        eigenvectors of the score with the lowest eigenvalues (rows x D x k)."""
         score = (self.d_act if has_action else 0.0) - self.d_ctx
+        if self.basis == "eigen":
+            k = int(round(self.quantile * score.shape[-1]))
+            return torch.linalg.eigh(score.double())[1][..., :k].to(score.dtype)
         return quantile_keep_mask(score, self.quantile)
 
 

@@ -201,8 +201,6 @@ def test_eigen_mask_freezes_the_context_direction_and_nothing_along_it_moves():
     assert freeze.shape == (rows, dim, 1)
     assert (freeze[..., 0] @ ctx_dir).abs().min() > 0.99
     assert (freeze[..., 0] @ act_dir).abs().max() < 0.05
-    # the channel mask cannot express it: every channel carries the context direction alike
-    assert GradientInvarianceMasker(rows, dim, quantile=1 / dim).update(base, ctx, act).sum() == rows * (dim - 1)
 
     p = torch.nn.Parameter(torch.randn(rows, dim))
     opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.5)
