@@ -9,6 +9,9 @@ What it compares (one run, same base model, same exemplars, same steps, same see
                 the renders; `--restage train`): for exemplars that share a place
   adi_eigen     adi whose mask compares each anchor with its restaged self (`--restage mask`) and freezes the 2 %
                 most context-like *directions* of each row instead of half its channels (`--mask_basis eigen`)
+  adi_no_mask_apart  reference for `--exemplar_background same` only: adi_no_mask learned from the same four
+                figures (exact mattes: same species, colours, poses) each put in another place; scored on the
+                same one-place prompts. What an identifier draws when there is no shared place to copy
   ti            plain Textual Inversion: one input token, template "a <token>"
   ti_captioned  Textual Inversion with ADI's captioned template   (extra: isolates the template)
   base          no identifier at all (the model's pose prior on these prompts)
@@ -63,8 +66,9 @@ sys.path.insert(0, str(ROOT))
 
 from layergen.data.figures import (ACTION_VERBS, FIGURE_BACKGROUNDS, FIGURE_COLOURS,  # noqa: E402
                                    HELDOUT_ACTIONS, HELDOUT_SEED_START, SEEN_ACTIONS, SPECIES, exemplar_set,
-                                   subject_caption)
+                                   render_background, subject_caption)
 from layergen.commands.action import training_script  # noqa: E402
+from layergen.layers.compositing import to_uint8  # noqa: E402
 from layergen.pipelines.pipeline_action import DEFAULT_IDENTIFIER_STEPS  # noqa: E402
 
 METHODS = {
@@ -73,11 +77,14 @@ METHODS = {
     "adi_shared": ["--method", "adi", "--shared_token"],
     "adi_restaged": ["--method", "adi", "--restage", "train"],
     "adi_eigen": ["--method", "adi", "--restage", "mask", "--mask_basis", "eigen", "--mask_quantile", "0.02"],
+    "adi_no_mask_apart": ["--method", "adi", "--mask_quantile", "0"],
     "ti": ["--method", "textual_inversion"],
     "ti_captioned": ["--method", "textual_inversion", "--template", "{caption} {token}"],
     "base": None,
     "text_seen": None,
 }
+# methods that learn from the one-place exemplars' figures, each put in another place
+APART = {"adi_no_mask_apart"}
 
 
 def parse_args(argv=None):
@@ -86,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--classifiers", default=None,
                    help="Folder with pose/, subject/ and optionally scene/ (default <model>/classifiers).")
     p.add_argument("--actions", nargs="+", default=list(HELDOUT_ACTIONS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in APART], choices=list(METHODS))
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--num_exemplars", type=int, default=4)
     p.add_argument("--num_images", type=int, default=16)
@@ -117,6 +124,9 @@ def parse_args(argv=None):
                    help="generate nothing: pool earlier runs' JSON files (same config; other seeds, or other "
                         "methods on the same seeds) into one report at --out")
     args = p.parse_args(argv)
+    if APART & set(args.methods) and args.exemplar_background != "same":
+        p.error(f"{', '.join(sorted(APART & set(args.methods)))} is a reference for --exemplar_background same "
+                "(without it, it is adi_no_mask)")
     if args.quick:
         args.actions, args.steps, args.num_images = args.actions[:1], 20, 4
     return args
@@ -157,6 +167,8 @@ def identifier_cache_path(args, action: str, method: str, train_args) -> Path | 
     config = {k: v for k, v in vars(train_args).items() if k not in ("output_dir", "output")
               and not (k in TRAINER_ADDED and v == TRAINER_ADDED[k])}  # files learned before a flag existed stay
     exemplars = [args.exemplar_species] + ([] if args.exemplar_background == "distinct" else ["one background"])
+    if method in APART:
+        exemplars.append("apart")
     if args.restage_matte != "exact" and train_args.restage != "off":
         exemplars.append("cut out")  # only restaging reads the mattes
     key = hashlib.sha1(json.dumps([config, str(args.model), *exemplars], sort_keys=True,
@@ -309,7 +321,8 @@ def build_report(config: dict, identifier_training: dict, classifiers: dict, per
                                                                                    - summary[abl][k])
     pairs = {}
     for a, b in (("adi", "ti"), ("adi", "adi_no_mask"), ("adi", "adi_shared"), ("adi_restaged", "adi"),
-                 ("adi_eigen", "adi_no_mask"), ("adi_eigen", "ti"), ("adi_eigen", "adi_restaged")):
+                 ("adi_eigen", "adi_no_mask"), ("adi_eigen", "ti"), ("adi_eigen", "adi_restaged"),
+                 ("adi_eigen", "adi_no_mask_apart"), ("adi_no_mask", "adi_no_mask_apart")):
         if {a, b} <= set(methods):
             pairs[f"{a}_vs_{b}"] = paired(per_seed, a, b, actions)
             print(f"paired {a} vs {b}: " + ", ".join(
@@ -394,8 +407,11 @@ def merge_reports(reports: list[dict]) -> dict:
                         per_seed)
 
 
-def action_setup(args, seed: int, action: str, position: int, size: int):
+def action_setup(args, seed: int, action: str, position: int, size: int, apart: bool = False):
     """(exemplars as the trainer takes them, the unseen (species, colour, background) to draw).
+
+    `apart`: with `--exemplar_background same`, the same figures (by their exact mattes), exemplar k > 0 put on
+    the k-th place after the shared one (so each in its own place), and the same one-place subjects.
 
     They follow the action's slot among the held-out actions, not its `position` in --actions: a run of some
     actions draws exactly what the full run drew for them (and --identifier_dir, keyed by action name, may reuse
@@ -408,6 +424,14 @@ def action_setup(args, seed: int, action: str, position: int, size: int):
                       background=place, matte=True)
     exemplars = [{"image": s.image, "caption": s.caption(), "stem": f"{k}", **s.metadata(),
                   "matte": s.matte if args.restage_matte == "exact" else None} for k, s in enumerate(ex)]
+    if apart and place is not None:  # exemplar k > 0 on the k-th place after the shared one: the same figure (matte)
+        names = list(FIGURE_BACKGROUNDS)
+        for k, (e, s) in list(enumerate(zip(exemplars, ex)))[1:]:
+            e["background"] = names[(names.index(place) + k) % len(names)]
+            rng = np.random.default_rng([HELDOUT_SEED_START, a_idx, 53, k])
+            backdrop = render_background(e["background"], size, rng)[0]
+            e["image"] = to_uint8(s.matte[0] + (1 - s.matte[1])[..., None] * backdrop)
+            e["caption"] = subject_caption(e["species"], e["colour"], e["background"])
     return exemplars, unseen_subjects(exemplars, args.num_images, seed + a_idx, avoid_background=place)
 
 
@@ -418,6 +442,8 @@ def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf, scene_clf=No
     grids = {}
     for position, action in enumerate(args.actions):
         exemplars, subjects = action_setup(args, seed, action, position, pipe.default_size())
+        apart = action_setup(args, seed, action, position, pipe.default_size(), apart=True)[0] \
+            if APART & set(args.methods) else None
         ex_subjects = {(e["species"], e["colour"]) for e in exemplars}
         captions = [subject_caption(*s) for s in subjects]
         grids[action] = {}
@@ -445,7 +471,8 @@ def run_seed(args, seed: int, pipe, trainer, pose_clf, subject_clf, scene_clf=No
                 else:
                     with tempfile.TemporaryDirectory() as tmp:
                         targs.output_dir, targs.output = tmp, (None if cached is None else str(cached))
-                        ident = trainer.train(targs, pipe=pipe, exemplars=exemplars, show_progress=False)
+                        ident = trainer.train(targs, pipe=pipe, exemplars=apart if method in APART else exemplars,
+                                              show_progress=False)
                     pipe.load_action_identifier(ident)
                 prompts = [f"{c} {ident.token}" for c in captions]
             learn_s = time.time() - t0
