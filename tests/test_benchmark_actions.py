@@ -103,6 +103,30 @@ def test_an_actions_exemplars_do_not_depend_on_the_other_actions_run(bench):
     assert len(places) == len(HELDOUT_ACTIONS)  # one background per action, whatever the position
 
 
+def test_apart_reference_moves_the_one_place_figures_only(bench, tmp_path):
+    """`adi_no_mask_apart` learns from the one-place exemplars' very figures, each in its own place, and is scored on
+    the same prompts: only the backgrounds differ, so it is a paired reference for what the shared place adds."""
+    args = bench.parse_args(["--exemplar_background", "same", "--methods", "adi_eigen", "adi_no_mask_apart"])
+    for action in ("jump", "kick"):
+        one, subjects = bench.action_setup(args, 3, action, 0, 32)
+        apart, subjects_apart = bench.action_setup(args, 3, action, 0, 32, apart=True)
+        assert subjects_apart == subjects
+        assert len({e["background"] for e in one}) == 1 and len({e["background"] for e in apart}) == 4
+        assert np.array_equal(apart[0]["image"], one[0]["image"])
+        for a, b in zip(one[1:], apart[1:]):
+            alpha = a["matte"][1]
+            assert not np.array_equal(a["image"], b["image"])
+            assert np.array_equal(a["image"][alpha > 0.999], b["image"][alpha > 0.999])  # the same figure
+            assert (a["species"], a["colour"]) == (b["species"], b["colour"]) and b["background"] in b["caption"]
+    trainer_args = bench.training_script().parse_args(["--name", "<kick>", "--output_dir", "."])
+    args.identifier_dir = str(tmp_path)
+    assert bench.identifier_cache_path(args, "kick", "adi_no_mask_apart", trainer_args) != \
+        bench.identifier_cache_path(args, "kick", "adi_no_mask", trainer_args)
+    assert "adi_no_mask_apart" not in bench.parse_args([]).methods
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "adi_no_mask_apart"])
+
+
 def _cell(action_ok, subject_ok, poses):
     n = len(action_ok)
     joint = [int(a and b) for a, b in zip(action_ok, subject_ok)]
