@@ -103,7 +103,10 @@ def training_script():
     return module
 
 
-def run_exemplars(args) -> int:
+def write_exemplars(output, action: str, num: int = 4, seed: int = 1_000_000, size: int = 128,
+                    background: str | None = None) -> list[Path]:
+    """Render `num` procedural figures doing `action` into the folder `output` (all or nothing), with a
+    metadata.jsonl naming each one's species, colour and place (what `learn` renders contrast images from)."""
     import json
 
     from PIL import Image
@@ -112,20 +115,24 @@ def run_exemplars(args) -> int:
     from ..data.figures import ACTIONS, FIGURE_BACKGROUNDS, exemplar_set
     from ..errors import LayergenError
 
-    if args.action not in ACTIONS:
-        raise LayergenError(f"unknown action {args.action!r}; figures can do: {', '.join(ACTIONS)}")
-    if not 1 <= args.num <= 24:
-        raise LayergenError(f"--num must be in [1, 24], got {args.num}")
-    if args.background is not None and args.background not in FIGURE_BACKGROUNDS:
-        raise LayergenError(f"unknown --background {args.background!r}; choose from {', '.join(FIGURE_BACKGROUNDS)}")
-    samples = exemplar_set(args.action, args.num, seed=args.seed, size=args.size, background=args.background)
-    with atomic_dir(args.output) as tmp:
-        rows = []
-        for k, s in enumerate(samples):
-            name = f"{k:02d}-{s.colour}-{s.species}.png"
+    if action not in ACTIONS:
+        raise LayergenError(f"unknown action {action!r}; figures can do: {', '.join(ACTIONS)}")
+    if not 1 <= num <= 24:
+        raise LayergenError(f"--num must be in [1, 24], got {num}")
+    if background is not None and background not in FIGURE_BACKGROUNDS:
+        raise LayergenError(f"unknown --background {background!r}; choose from {', '.join(FIGURE_BACKGROUNDS)}")
+    samples = exemplar_set(action, num, seed=seed, size=size, background=background)
+    names = [f"{k:02d}-{s.colour}-{s.species}.png" for k, s in enumerate(samples)]
+    with atomic_dir(output) as tmp:
+        for name, s in zip(names, samples):
             Image.fromarray(s.image).save(tmp / name)
-            rows.append(json.dumps({"file_name": name, **s.metadata()}))
+        rows = [json.dumps({"file_name": name, **s.metadata()}) for name, s in zip(names, samples)]
         (tmp / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return [Path(output) / name for name in names]
+
+
+def run_exemplars(args) -> int:
+    samples = write_exemplars(args.output, args.action, args.num, args.seed, args.size, args.background)
     print(f"wrote {len(samples)} exemplars of '{args.action}' to {args.output}")
     return 0
 

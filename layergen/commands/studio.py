@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--decompose-model", metavar="PATH", help="decomposition pipeline folder (diffusers layout)")
     p.add_argument("--human-model", metavar="PATH",
                    help="LayeredHumanPipeline folder for the 3D human tab (default: bundled layergen-mini human)")
+    p.add_argument("--action-model", metavar="PATH",
+                   help="ActionPipeline folder for the Actions tab (default: bundled layergen-mini action model)")
     p.add_argument("--procedural", action="store_true",
                    help="use the procedural demo backend (no weights; deterministic shapes)")
     p.add_argument("--max-upload-mb", type=int, default=64, help="largest file a user may upload (default 64)")
@@ -54,10 +56,11 @@ def run(args) -> int:
     print(f"layergen studio: backend = {backends.description or backends.name}")
     from ..studio.app import default_extra_tabs, launch
 
-    if args.human_model:
-        from ..mini import check_model_dir
+    from ..mini import check_model_dir
 
-        check_model_dir(args.human_model)
-    launch(backends, host=args.host, port=args.port, inbrowser=args.open,
-           max_upload_bytes=args.max_upload_mb * 2**20, extra_tabs=default_extra_tabs(args.human_model))
+    for path in (args.human_model, args.action_model):
+        if path:
+            check_model_dir(path)
+    launch(backends, host=args.host, port=args.port, inbrowser=args.open, max_upload_bytes=args.max_upload_mb * 2**20,
+           extra_tabs=default_extra_tabs(args.human_model, args.action_model))
     return 0

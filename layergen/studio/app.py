@@ -14,7 +14,6 @@ tab's components and wires them with `ctx.action(...)`.
 import contextlib
 import functools
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +25,7 @@ from ..errors import LayerError, LayergenError
 from ..layers import BLEND_MODES, LayerStack
 from .backends import Box, Condition, LayerBackend, MAX_PROMPT_CHARS
 from .document import MAX_CANVAS, MAX_UPLOAD_BYTES, MIN_CANVAS, Document, check_canvas_size, check_image_header
+from .scratch import ScratchDir
 
 TITLE = "layergen studio"
 IMPORT_TYPES = [".psd", ".ora", ".zip", ".png", ".webp"]
@@ -287,28 +287,6 @@ def _editor_background(doc: Document) -> np.ndarray:
     return np.ascontiguousarray(doc.preview()[..., :3])
 
 
-class _ExportDir:
-    """Exported files wait here until Gradio has copied them to its cache; old ones are pruned, all at exit."""
-
-    def __init__(self, keep_seconds: float = 600.0):
-        self.root: Path | None = None
-        self.keep_seconds = keep_seconds
-
-    def new_dir(self) -> Path:
-        import atexit
-        import shutil
-        import time
-
-        if self.root is None or not self.root.exists():
-            self.root = Path(tempfile.mkdtemp(prefix="layergen-studio-exports-"))
-            atexit.register(shutil.rmtree, self.root, True)
-        now = time.time()
-        for old in self.root.iterdir():
-            if now - old.stat().st_mtime > self.keep_seconds:
-                shutil.rmtree(old, ignore_errors=True)
-        return Path(tempfile.mkdtemp(dir=self.root))
-
-
 # ---------------------------------------------------------------------------------------------
 # the app
 
@@ -316,7 +294,7 @@ class _ExportDir:
 def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[StudioContext], None]]] = (),
               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> gr.Blocks:
     """Build the studio UI on `backends` (see `layergen.studio.backends`); launch it with `launch()`."""
-    exports = _ExportDir()
+    exports = ScratchDir("layergen-studio-exports-")  # files wait there until Gradio has copied them
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         # Deep-copied per session: every browser tab gets its own Document, dropped when the tab closes
         # (or after `STATE_TTL_S` without an edit, for API clients that never close).
@@ -628,11 +606,13 @@ def build_app(backends: LayerBackend, extra_tabs: Sequence[tuple[str, Callable[[
     return demo
 
 
-def default_extra_tabs(human_model=None) -> list:
-    """The tabs every served studio has besides the 2D tools: "3D human" (bundled mini model by default)."""
+def default_extra_tabs(human_model=None, action_model=None) -> list:
+    """The tabs every served studio has besides the 2D tools: "3D human" and "Actions" (bundled mini models by
+    default; each loads on first use)."""
+    from .actions import ActionBackend, action_tab
     from .human3d import HumanBackend, human_tab
 
-    return [human_tab(HumanBackend(model_path=human_model))]
+    return [human_tab(HumanBackend(model_path=human_model)), action_tab(ActionBackend(model_path=action_model))]
 
 
 def launch(backends: LayerBackend | None = None, host: str = "127.0.0.1", port: int | None = None,
@@ -642,7 +622,7 @@ def launch(backends: LayerBackend | None = None, host: str = "127.0.0.1", port: 
 
     Returns `(demo, url)`. With `prevent_thread_lock=True` it returns at once
     (tests; call `demo.close()`), else it serves until Ctrl+C. `extra_tabs=None` means
-    `default_extra_tabs()` (the 3D human tab; its model loads on first use).
+    `default_extra_tabs()` (the 3D human and Actions tabs; their models load on first use).
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if backends is None:

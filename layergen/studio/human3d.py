@@ -9,14 +9,10 @@ selected layer's front render into the document as an ordinary RGBA layer.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-import time
-from pathlib import Path
-
 import numpy as np
 
 from ..errors import LayerError
+from .scratch import ScratchDir
 
 HUMAN_LAYERS = ("body", "pants", "shirt", "shoes", "hat")
 DEFAULT_HUMAN_LAYERS = ("body", "pants", "shirt", "shoes")
@@ -48,31 +44,18 @@ class HumanBackend:
         self.num_views = num_views
         self.size = size
         self.mesh_resolution = mesh_resolution
-        self.keep_seconds = keep_seconds
-        self._root: Path | None = None
+        self.scratch = ScratchDir("layergen-studio-humans-", keep_seconds)
 
     @property
     def description(self) -> str:
         return f"LayeredHumanPipeline ({self.model_path or 'bundled layergen-mini human'})"
-
-    def _new_dir(self) -> Path:
-        import atexit
-
-        if self._root is None or not self._root.exists():
-            self._root = Path(tempfile.mkdtemp(prefix="layergen-studio-humans-"))
-            atexit.register(shutil.rmtree, self._root, True)
-        now = time.time()
-        for old in self._root.iterdir():
-            if now - old.stat().st_mtime > self.keep_seconds:
-                shutil.rmtree(old, ignore_errors=True)
-        return Path(tempfile.mkdtemp(dir=self._root))
 
     def generate(self, layers, seed: int, progress: bool = False) -> dict:
         """Generate and export one human; returns `generate_human`'s file dict (meshes, views, gifs, summary)."""
         from ..pipelines.pipeline_layered_human import generate_human
 
         names = canonical_layers(layers)
-        out = self._new_dir()
+        out = self.scratch.new_dir()
         return generate_human(",".join(names), seed=int(seed), output_dir=out, model_path=self.model_path,
                               num_inference_steps=self.num_inference_steps, num_views=self.num_views,
                               size=self.size, mesh_resolution=self.mesh_resolution, mesh_format="glb",
