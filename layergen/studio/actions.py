@@ -250,6 +250,10 @@ def action_tab(backend: ActionBackend | None = None):
         identifiers = gr.State({})       # token -> identifier file
         images_state = gr.State(None)    # (prompt, [H x W x 3 uint8])
 
+        def code(text: str) -> str:
+            """Markdown code span: a prompt's <name> tokens would otherwise be read as HTML tags and vanish."""
+            return "`" + str(text).replace("`", "'") + "`"
+
         def listing(idents: dict) -> str:
             return "Identifiers: " + (", ".join(f"`{t}`" for t in sorted(idents)) if idents else "none yet")
 
@@ -279,7 +283,7 @@ def action_tab(backend: ActionBackend | None = None):
             s = _check_seed(seed_value)
             progress(0, desc="Generating")
             images = backend.generate(text, idents, int(n), s, progress=True)
-            return (text, images), images, 1, f"{len(images)} images of '{text}', seed {s}."
+            return (text, images), images, 1, f"{len(images)} images of {code(text)}, seed {s}."
 
         def pick_image(evt: gr.SelectData):
             return int(evt.index) + 1

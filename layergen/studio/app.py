@@ -13,6 +13,7 @@ tab's components and wires them with `ctx.action(...)`.
 """
 import contextlib
 import functools
+import html
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +194,9 @@ def _status(doc: Document) -> str:
     if not len(doc):
         return (f"Empty {doc.width}×{doc.height} document. Generate a layer, decompose an image or import a "
                 f"file to start.")
-    sel = f"selected: **{doc.stack.layers[doc.selected].name}**" if doc.selected is not None else "no selection"
+    # escaped: the status is Markdown, where a name such as "a cat <jump>" would lose its <jump> as an HTML tag
+    sel = f"selected: **{html.escape(doc.stack.layers[doc.selected].name)}**" if doc.selected is not None \
+        else "no selection"
     status = f"{len(doc)} layer{'s' if len(doc) != 1 else ''} · {doc.width}×{doc.height} px · {sel} · " \
              f"last: {doc.last_action}"
     notes = doc.stack.metadata.get("notes")

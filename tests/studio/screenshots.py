@@ -98,6 +98,22 @@ def main(argv=None):
             page.locator("#decompose-button").click()
             expect(page.locator("#status")).to_contain_text("Decompose image", timeout=TIMEOUT_MS)
             shoot(page, "decompose")
+
+            # Actions: example exemplars, learn <jump> briefly, generate it, add one image to the document.
+            page.get_by_role("tab", name="Actions").click()
+            page.locator("#action-example-button").click()
+            expect(page.locator("#action-exemplars")).to_contain_text("metadata.jsonl", timeout=TIMEOUT_MS)
+            page.locator("#action-steps input[type=number]").fill("100")
+            page.locator("#action-steps input[type=number]").press("Enter")
+            page.locator("#action-learn").click()
+            expect(page.locator("#action-learned")).to_contain_text("Learned", timeout=4 * TIMEOUT_MS)
+            page.locator("#action-generate").click()
+            expect(page.locator("#action-status")).to_contain_text("images of", timeout=TIMEOUT_MS)
+            page.locator("#action-gallery button").nth(1).click()
+            page.locator("#action-add").click()
+            expect(page.locator("#action-status")).to_contain_text("Added image", timeout=TIMEOUT_MS)
+            page.keyboard.press("Escape")  # close the gallery's preview
+            shoot(page, "actions")
             browser.close()
     finally:
         demo.close()

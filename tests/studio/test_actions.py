@@ -148,7 +148,7 @@ def test_tab_through_the_api(served, jump):
     text = served.predict([handle_file(str(jump))], api_name="/load_action_identifiers")
     assert text == "Identifiers: `<jump>`, `<kick>`"
     gallery, pick, status = served.predict("a red cat on a beach <kick> <jump>", 2, 7, api_name="/generate_action")
-    assert len(gallery) == 2 and pick == 1 and status.startswith("2 images of 'a red cat on a beach <kick> <jump>'")
+    assert len(gallery) == 2 and pick == 1 and status.startswith("2 images of `a red cat on a beach <kick> <jump>`")
     shown = np.asarray(Image.open(gallery[1]["image"]).convert("RGB"))
     r = served.predict(2, status, api_name="/add_action_image")  # image 2 into the 2D document
     info = r[10]
@@ -183,3 +183,13 @@ def test_studio_cli_rejects_a_missing_action_model(tmp_path, capsys):
     assert main(["studio", "--procedural", "--action-model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "not a local diffusers model folder" in err and err.count("\n") == 1
+
+
+def test_layer_names_with_tokens_survive_the_markdown_status():
+    """The Layers tab's status is Markdown: an added image named "a cat <jump>" must not lose its token as a tag."""
+    from layergen.studio.app import _status
+    from layergen.studio.document import Document
+
+    doc = Document(64, 64)
+    doc.add_layer(image_layer(np.zeros((8, 8, 3), np.uint8), "a cat <jump>"), label="Add action image")
+    assert "selected: **a cat &lt;jump&gt;**" in _status(doc)
