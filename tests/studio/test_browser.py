@@ -91,3 +91,32 @@ def test_generate_hide_and_export_psd_in_chromium(studio, browser, tmp_path):
     solid = expected.pixels[..., 3] > 0
     assert np.array_equal(got[solid, :3], expected.pixels[solid, :3])
     assert not errors, errors
+
+
+def test_actions_tab_picks_the_clicked_image_in_chromium(studio, browser, tmp_path):
+    """Load an identifier file, generate with its token, click the third image: that one goes to the document
+    (the gallery's select event fills "Image # to add"), and the token survives in both status lines."""
+    from playwright.sync_api import expect
+
+    from layergen.studio.actions import ActionBackend
+
+    backend = ActionBackend()
+    ident = backend.learn(backend.make_exemplars("jump"), "jump", steps=3)
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(studio[1])
+    page.get_by_role("tab", name="Actions").click()
+    page.locator("#action-load input[type=file]").set_input_files(str(ident))
+    expect(page.locator("#action-learned")).to_contain_text("Identifiers: <jump>", timeout=TIMEOUT_MS)
+    page.locator("#action-generate").click()
+    status = page.locator("#action-status")
+    expect(status).to_contain_text("4 images of a blue cat in the snow <jump>, seed 0", timeout=TIMEOUT_MS)
+    page.locator("#action-gallery .thumbnail-item").nth(2).click()
+    expect(page.locator("#action-pick input")).to_have_value("3", timeout=TIMEOUT_MS)
+    page.locator("#action-add").click()
+    expect(status).to_contain_text("Added image 3 as a new layer", timeout=TIMEOUT_MS)
+    page.get_by_role("tab", name="Layers").click()
+    expect(page.locator("#status")).to_contain_text("selected: a blue cat in the snow <jump>", timeout=TIMEOUT_MS)
+    assert errors == []
+    page.close()
