@@ -188,19 +188,7 @@ def action_tab(backend: ActionBackend | None = None):
         import gradio as gr
 
         from ..data.figures import ACTIONS, FIGURE_BACKGROUNDS, HELDOUT_ACTIONS
-        from ..errors import LayergenError
-        from .app import _check_seed
-
-        def popup(fn):
-            """LayergenError -> a Gradio pop-up (a user mistake); anything else stays a bug in the log."""
-            def wrapped(*args, **kwargs):
-                try:
-                    return fn(*args, **kwargs)
-                except gr.Error:
-                    raise
-                except LayergenError as exc:
-                    raise gr.Error(str(exc), print_exception=False) from None
-            return wrapped
+        from .app import _check_seed, _user_errors
 
         gr.Markdown("Learn an action (a pose such as jumping) from a few exemplar images as a token `<name>`, then "
                     "put it on new subjects: `a blue cat in the snow <jump>` (ADI: layer-wise identifier tokens "
@@ -257,12 +245,12 @@ def action_tab(backend: ActionBackend | None = None):
         def listing(idents: dict) -> str:
             return "Identifiers: " + (", ".join(f"`{t}`" for t in sorted(idents)) if idents else "none yet")
 
-        @popup
+        @_user_errors
         def make_examples(action, place):
             paths = backend.make_exemplars(action, None if place == "(different places)" else place)
             return [str(p) for p in paths], action
 
-        @popup
+        @_user_errors
         def learn(file_list, name_value, steps_value, shared_place, place_files, idents,
                   progress=gr.Progress(track_tqdm=True)):
             progress(0, desc=f"Learning <{_name(name_value)}>")
@@ -271,14 +259,14 @@ def action_tab(backend: ActionBackend | None = None):
             idents = {**(idents or {}), f"<{_name(name_value)}>": str(path)}
             return idents, str(path), f"Learned `<{_name(name_value)}>` in {int(steps_value)} steps. " + listing(idents)
 
-        @popup
+        @_user_errors
         def load(file_list, idents):
             idents = dict(idents or {})
             for f in file_list or []:
                 idents[backend.read_identifier(f)] = str(f)
             return idents, listing(idents)
 
-        @popup
+        @_user_errors
         def generate(text, n, seed_value, idents, progress=gr.Progress(track_tqdm=True)):
             s = _check_seed(seed_value)
             progress(0, desc="Generating")

@@ -114,23 +114,10 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, serve_tab):
     """A studio with the Actions tab on fast settings, and an API client."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-actions")))
-    mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    from gradio_client import Client
-
-    from layergen.studio.app import launch
-    from layergen.studio.backends import ProceduralBackend
-
-    demo, url = launch(ProceduralBackend(), prevent_thread_lock=True, quiet=True,
-                       extra_tabs=[action_tab(ActionBackend(num_inference_steps=3))])
-    try:
-        yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("dl")))
-    finally:
-        demo.close()
-        mp.undo()
+    with serve_tab(tmp_path_factory, action_tab(ActionBackend(num_inference_steps=3)), "actions") as client:
+        yield client
 
 
 def test_tab_through_the_api(served, jump):

@@ -73,23 +73,10 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, serve_tab):
     """A studio with the 3D tab on fast settings, and an API client."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-human")))
-    mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    from gradio_client import Client
-
-    from layergen.studio.app import launch
-    from layergen.studio.backends import ProceduralBackend
-
-    demo, url = launch(ProceduralBackend(), prevent_thread_lock=True, quiet=True,
-                       extra_tabs=[human_tab(HumanBackend(**FAST))])
-    try:
-        yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("dl")))
-    finally:
-        demo.close()
-        mp.undo()
+    with serve_tab(tmp_path_factory, human_tab(HumanBackend(**FAST)), "human") as client:
+        yield client
 
 
 def _value(x):
