@@ -109,7 +109,7 @@ def main(argv=None):
             expect(page.locator("#action-learned")).to_contain_text("Learned", timeout=4 * TIMEOUT_MS)
             page.locator("#action-generate").click()
             expect(page.locator("#action-status")).to_contain_text("images of", timeout=TIMEOUT_MS)
-            page.locator("#action-gallery button").nth(1).click()
+            page.locator("#action-gallery .thumbnail-item").nth(1).click()
             page.locator("#action-add").click()
             expect(page.locator("#action-status")).to_contain_text("Added image", timeout=TIMEOUT_MS)
             page.keyboard.press("Escape")  # close the gallery's preview
