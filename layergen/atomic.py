@@ -38,11 +38,21 @@ def _beside(path: Path, make):
 
 
 def check_writable(path) -> None:
-    """Fail now, not after minutes of work, if `path` could not be written (creates missing parent folders)."""
+    """Fail now, not after minutes of work, if `path` could not be written. Missing parent folders are created
+    for the test and removed again: a run that fails later leaves no empty folders behind (the write creates
+    them for good)."""
     path = Path(path)
-    fd, tmp = _beside(path, lambda: tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent))
-    os.close(fd)
-    os.unlink(tmp)
+    missing = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+    try:
+        fd, tmp = _beside(path, lambda: tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent))
+        os.close(fd)
+        os.unlink(tmp)
+    finally:
+        for d in missing:  # deepest first; stops at a folder someone else has put something in meanwhile
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
 
 
 @contextlib.contextmanager

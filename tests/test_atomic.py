@@ -50,5 +50,11 @@ def test_unwritable_targets_are_named_in_the_error_not_the_temporary_file(tmp_pa
         with pytest.raises(NotADirectoryError) as exc:
             attempt()
         assert exc.value.filename == str(target) and "cannot write there" in exc.value.strerror
-    check_writable(tmp_path / "new" / "a.png")  # creates the folder, leaves no file
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "new"] and not any((tmp_path / "new").iterdir())
+    check_writable(tmp_path / "new" / "deeper" / "a.png")  # tests the folders it would need, then removes them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    (tmp_path / "kept").mkdir()
+    check_writable(tmp_path / "kept" / "new" / "a.png")  # a folder that was there stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "kept"] and not any((tmp_path / "kept").iterdir())
+    with atomic_path(tmp_path / "new" / "deeper" / "a.png") as tmp:  # the write itself creates them
+        tmp.write_text("x")
+    assert (tmp_path / "new" / "deeper" / "a.png").read_text() == "x"

@@ -94,6 +94,8 @@ def test_clear_errors(model, tmp_path, capsys, monkeypatch):
         assert main(["action", "learn", "ex", "--name", "jump", "--model", str(model), *argv]) == 2
         captured = capsys.readouterr()
         assert fragment in captured.err and "usage" not in captured.err + captured.out
+    assert main(["action", "generate", "a cat", "--steps", "0", "--model", str(model)]) == 2
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
     assert main(["action", "generate", " ", "--model", str(model)]) == 2
     assert "<jump>" in capsys.readouterr().err
     assert main(["action", "generate", "a cat <wave>", "--model", str(model), "-o", "x.png"]) == 2
@@ -105,7 +107,38 @@ def test_clear_errors(model, tmp_path, capsys, monkeypatch):
     for name in ("a.png", "b.jpg"):
         (tmp_path / "corrupt" / name).write_bytes(b"not an image")
     assert main(["action", "learn", "corrupt", "--name", "jump", "--steps", "1", "--model", str(model)]) == 2
-    assert "corrupt/a.png: cannot decode image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "corrupt/a.png: cannot decode image (not an image file, or damaged)" in err and "BytesIO" not in err
+    assert not (tmp_path / "jump.safetensors").exists()
+
+
+def test_exemplars_never_replace_other_files(tmp_path, capsys, monkeypatch):
+    """`exemplars` replaces its folder as a whole: an earlier exemplar folder yes, anything else never."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("keep")
+    (tmp_path / "photo.png").write_text("precious")
+    for target in ("notes", "photo.png"):
+        assert main(["action", "exemplars", "jump", target, "-n", "1", "--size", "32"]) == 2
+        assert "layergen: error:" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "a.txt").read_text() == "keep" and (tmp_path / "photo.png").read_text() == "precious"
+    assert main(["action", "exemplars", "jump", "ex", "-n", "2", "--size", "32"]) == 0
+    assert main(["action", "exemplars", "wave", "ex", "-n", "1", "--size", "32"]) == 0  # an earlier set: replaced
+    rows = (tmp_path / "ex" / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and len(list((tmp_path / "ex").glob("*.png"))) == 1
+    for size in ("0", "-5", "100000"):
+        assert main(["action", "exemplars", "jump", "big", "--size", size]) == 2
+        assert "--size must be in [32, 1024]" in capsys.readouterr().err and not (tmp_path / "big").exists()
+
+
+def test_a_malformed_metadata_file_is_a_clear_error(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["action", "exemplars", "jump", "ex", "-n", "2", "--size", "32"]) == 0
+    (tmp_path / "ex" / "metadata.jsonl").write_text('{"file_name": "00.png"}\n{not json\n')
+    assert main(["action", "learn", "ex", "--name", "jump", "--steps", "1", "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the model-loading progress bars
+    assert last.startswith("layergen: error:") and "metadata.jsonl, line 2: not a JSON object" in last
     assert not (tmp_path / "jump.safetensors").exists()
 
 

@@ -191,10 +191,14 @@ def read_exemplars(folder, limit: int | None = None, size: int = 128) -> list[di
         raise LayergenError(f"{folder}: not a folder of exemplar images")
     meta = {}
     if (folder / "metadata.jsonl").is_file():
-        for line in (folder / "metadata.jsonl").read_text().splitlines():
+        for n, line in enumerate((folder / "metadata.jsonl").read_text().splitlines(), start=1):
             if line.strip():
-                row = json.loads(line)
-                meta[row["file_name"]] = row
+                try:
+                    row = json.loads(line)
+                    meta[row["file_name"]] = row
+                except (ValueError, KeyError, TypeError):
+                    raise LayergenError(f"{folder / 'metadata.jsonl'}, line {n}: not a JSON object with a "
+                                        "\"file_name\" (one per line, as `layergen action exemplars` writes)") from None
     files = image_files(folder)
     if limit:
         files = files[:limit]

@@ -121,6 +121,17 @@ def write_exemplars(output, action: str, num: int = 4, seed: int = 1_000_000, si
         raise LayergenError(f"--num must be in [1, 24], got {num}")
     if background is not None and background not in FIGURE_BACKGROUNDS:
         raise LayergenError(f"unknown --background {background!r}; choose from {', '.join(FIGURE_BACKGROUNDS)}")
+    if not 32 <= size <= 1024:
+        raise LayergenError(f"--size must be in [32, 1024] pixels, got {size}")
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise LayergenError(f"{out}: exists and is not a folder; exemplars are written into a folder")
+    if out.is_dir():  # the folder is replaced as a whole: only ever replace an earlier exemplar folder
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")
+                         and not (p.is_file() and (p.suffix.lower() == ".png" or p.name == "metadata.jsonl")))
+        if foreign or (any(out.iterdir()) and not (out / "metadata.jsonl").is_file()):
+            raise LayergenError(f"{out}: folder holds other files ({', '.join(foreign[:3]) or 'no metadata.jsonl'})"
+                                ", which replacing it would delete; write to a new or empty folder")
     samples = exemplar_set(action, num, seed=seed, size=size, background=background)
     names = [f"{k:02d}-{s.colour}-{s.species}.png" for k, s in enumerate(samples)]
     with atomic_dir(output) as tmp:
@@ -179,6 +190,8 @@ def run_generate(args) -> int:
 
     if not 1 <= args.num_images <= 64:
         raise LayergenError(f"--num_images must be in [1, 64], got {args.num_images}")
+    if args.steps < 1:
+        raise LayergenError(f"--steps must be at least 1, got {args.steps}")
     if not args.prompt.strip():
         raise LayergenError("PROMPT is empty; name a subject and an identifier, e.g. 'a blue cat in the snow <jump>'")
     check_seed(args.seed, "--seed", args.num_images)

@@ -44,16 +44,19 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import LayergenError
-    from ..pipelines.pipeline_layered_human import MAX_VIEW_SIZE, generate_human
+    from ..pipelines.pipeline_layered_human import (MAX_MESH_RESOLUTION, MAX_VIEW_SIZE, MAX_VIEWS,
+                                                    check_human_folder, generate_human)
 
-    for name, value, lo in (("--steps", args.steps, 1), ("--views", args.views, 1), ("--size", args.size, 8),
-                            ("--mesh-resolution", args.mesh_resolution, 8)):
+    for name, value, lo, hi in (("--steps", args.steps, 1, None), ("--views", args.views, 1, MAX_VIEWS),
+                                ("--size", args.size, 8, MAX_VIEW_SIZE),
+                                ("--mesh-resolution", args.mesh_resolution, 8, MAX_MESH_RESOLUTION)):
         if value < lo:
             raise LayergenError(f"{name} must be at least {lo}, got {value}")
-    if args.size > MAX_VIEW_SIZE:
-        raise LayergenError(f"--size must be at most {MAX_VIEW_SIZE}, got {args.size}")
+        if hi is not None and value > hi:
+            raise LayergenError(f"{name} must be at most {hi}, got {value}")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise LayergenError(f"-o {args.output}: exists and is not a folder; the human is written into a folder")
+    check_human_folder(args.output)
     files = generate_human(layers=args.layers, seed=args.seed, output_dir=args.output, model_path=args.model,
                            num_inference_steps=args.steps, num_views=args.views, size=args.size,
                            mesh_resolution=args.mesh_resolution, mesh_format=args.mesh_format, body=args.body,

@@ -57,6 +57,17 @@ def as_rgba_array(image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+MAX_OFFSET = 2**24  # pixels either way: far beyond any canvas, well inside PSD's 32-bit coordinates
+
+
+def check_offset(x, y) -> tuple[int, int]:
+    """A layer's canvas position as ints; a clear error for one no file format could store."""
+    x, y = int(x), int(y)
+    if abs(x) > MAX_OFFSET or abs(y) > MAX_OFFSET:
+        raise LayerError(f"layer offset ({x}, {y}) is too far from the canvas (at most {MAX_OFFSET} px either way)")
+    return x, y
+
+
 @dataclass
 class Layer:
     """One RGBA raster layer placed on a canvas.
@@ -77,7 +88,7 @@ class Layer:
 
     def __post_init__(self):
         self.pixels = as_rgba_array(self.pixels)
-        self.x, self.y = int(self.x), int(self.y)
+        self.x, self.y = check_offset(self.x, self.y)
         opacity = float(self.opacity)
         if not 0.0 <= opacity <= 1.0 or opacity != opacity:
             raise LayerError(f"opacity must be in [0, 1], got {self.opacity}")
@@ -204,7 +215,7 @@ class LayerStack:
     def move(self, key, x: int, y: int) -> Layer:
         """Place a layer's top-left corner at canvas position (x, y)."""
         layer = self[key]
-        layer.x, layer.y = int(x), int(y)
+        layer.x, layer.y = check_offset(x, y)
         return layer
 
     def reorder(self, key, new_index: int) -> Layer:

@@ -21,6 +21,7 @@ colours). `generate_human(...)` is the one-call entry point for the CLI and the 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -649,41 +650,40 @@ def export_human(pipe: LayeredHumanPipeline, output: LayeredHumanOutput, output_
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from ..atomic import atomic_path, write_text_atomic
+    from ..atomic import atomic_dir
 
     if mesh_format not in ("glb", "obj"):
         raise LayergenError(f"mesh format must be glb or obj, got {mesh_format!r}")
+    check_views(num_views, size, mesh_resolution)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_human_folder(out)
     files = {"layers": []}
     t0 = time.perf_counter()
-    for i, name in enumerate(tqdm(output.layers, desc="rendering layers", disable=not progress)):
-        stem = f"{i}_{name}"
-        views = pipe.render_views(output, num_views=num_views, size=size, layer=i)
-        view_paths = []
-        for v, img in enumerate(views):
-            p = out / stem / f"view_{v:02d}.png"
-            _save_png(img, p)
-            view_paths.append(str(p))
-        _save_gif(views, out / f"{stem}.gif")
-        mesh = pipe.extract_mesh(output, resolution=mesh_resolution, layer=i)
-        mesh_path = None
-        if mesh is not None:
-            mesh_path = out / f"{stem}.{mesh_format}"
-            _save_mesh(mesh, mesh_path)
-        files["layers"].append({"name": name, "index": layer_index(name), "views": view_paths,
-                                "gif": str(out / f"{stem}.gif"), "mesh": str(mesh_path) if mesh_path else None,
-                                "mesh_vertices": int(len(mesh.vertices)) if mesh is not None else 0})
-    with atomic_path(out / "triplanes.safetensors") as tmp:
-        tensors = {"triplanes": output.triplanes.float().contiguous(), "residuals": output.residuals.float().contiguous()}
+    with atomic_dir(out) as work:  # written beside `out`, then swapped in: all of this run or nothing
+        for i, name in enumerate(tqdm(output.layers, desc="rendering layers", disable=not progress)):
+            stem = f"{i}_{name}"
+            views = pipe.render_views(output, num_views=num_views, size=size, layer=i)
+            for v, img in enumerate(views):
+                _save_png(img, work / stem / f"view_{v:02d}.png")
+            _save_gif(views, work / f"{stem}.gif")
+            mesh = pipe.extract_mesh(output, resolution=mesh_resolution, layer=i)
+            if mesh is not None:
+                _save_mesh(mesh, work / f"{stem}.{mesh_format}")
+            files["layers"].append({"name": name, "index": layer_index(name),
+                                    "views": [str(out / stem / f"view_{v:02d}.png") for v in range(len(views))],
+                                    "gif": str(out / f"{stem}.gif"),
+                                    "mesh": str(out / f"{stem}.{mesh_format}") if mesh is not None else None,
+                                    "mesh_vertices": int(len(mesh.vertices)) if mesh is not None else 0})
+        tensors = {"triplanes": output.triplanes.float().contiguous(),
+                   "residuals": output.residuals.float().contiguous()}
         if output.supports is not None:
             tensors["supports"] = output.supports.to(torch.uint8).contiguous()
-        save_file(tensors, str(tmp))
-    files["triplanes"] = str(out / "triplanes.safetensors")
-    summary = {"layers": output.layers, "files": files, "export_seconds": round(time.perf_counter() - t0, 3),
-               "num_views": num_views, "size": size, "mesh_resolution": mesh_resolution, **output.metadata,
-               **(extra or {})}
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+        save_file(tensors, str(work / "triplanes.safetensors"))
+        files["triplanes"] = str(out / "triplanes.safetensors")
+        summary = {"layers": output.layers, "files": files, "export_seconds": round(time.perf_counter() - t0, 3),
+                   "num_views": num_views, "size": size, "mesh_resolution": mesh_resolution, **output.metadata,
+                   **(extra or {})}
+        (work / "summary.json").write_text(json.dumps(summary, indent=1))
     files["summary"] = str(out / "summary.json")
     return files
 
@@ -718,14 +718,37 @@ def load_pipeline(model_path=None) -> LayeredHumanPipeline:
 
 
 MAX_VIEW_SIZE = 2048
+MAX_VIEWS = 360                # one view per degree
+MAX_MESH_RESOLUTION = 512      # a 512^3 density grid is ~0.5 GB; beyond it memory runs out
 
 
-def check_views(num_views, size) -> None:
-    """Turntable arguments, checked before anything is sampled or rendered."""
-    if not _is_int(num_views) or num_views < 1:
-        raise LayergenError(f"num_views must be a positive integer, got {num_views!r}")
+def check_views(num_views, size, mesh_resolution=64) -> None:
+    """Turntable and mesh arguments, checked before anything is sampled or rendered."""
+    if not _is_int(num_views) or not 1 <= num_views <= MAX_VIEWS:
+        raise LayergenError(f"num_views must be an integer in [1, {MAX_VIEWS}], got {num_views!r}")
     if not _is_int(size) or not 8 <= size <= MAX_VIEW_SIZE:
         raise LayergenError(f"size must be an integer in [8, {MAX_VIEW_SIZE}] pixels, got {size!r}")
+    if not _is_int(mesh_resolution) or not 8 <= mesh_resolution <= MAX_MESH_RESOLUTION:
+        raise LayergenError(f"mesh_resolution must be an integer in [8, {MAX_MESH_RESOLUTION}], "
+                            f"got {mesh_resolution!r}")
+
+
+_HUMAN_FILE = re.compile(r"\d+_[a-z]+(\.glb|\.obj|\.gif)?|triplanes\.safetensors|summary\.json")
+
+
+def check_human_folder(path) -> None:
+    """`export_human` replaces its folder as a whole (so a failed or smaller run leaves no mix of two runs):
+    refuse a folder that holds anything but an earlier human's files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LayergenError(f"{path}: exists and is not a folder; a human is written into a folder")
+    if path.is_dir():
+        foreign = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")
+                         and not _HUMAN_FILE.fullmatch(p.name))
+        if foreign:
+            raise LayergenError(f"{path}: folder also holds {', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}, which replacing it would delete; write the "
+                                "human to a new or empty folder")
 
 
 def generate_human(layers="body,pants,shirt,shoes", seed: int = 0, output_dir="human", model_path=None,
@@ -739,7 +762,8 @@ def generate_human(layers="body,pants,shirt,shoes", seed: int = 0, output_dir="h
     For the studio: `files['layers'][i]['mesh']` is a GLB for gr.Model3D, `['gif']` a turntable.
     """
     names = parse_layers(layers)
-    check_views(num_views, size)
+    check_views(num_views, size, mesh_resolution)
+    check_human_folder(output_dir)
     pipe = load_pipeline(model_path)
     pipe.set_progress_bar_config(disable=not progress)
     body_tp = load_triplanes(body)[0] if body is not None else None

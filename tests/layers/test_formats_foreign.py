@@ -233,6 +233,8 @@ def test_ora_errors(tmp_path):
          "opacity='nan' is not a finite number"),
         ('<image w="2" h="2"><stack><layer src="data/a.png" x="inf"/></stack></image>', layer,
          "x='inf' is not a finite number"),
+        ('<image w="2" h="2"><stack><layer src="data/a.png" x="99999999999999999999"/></stack></image>', layer,
+         "too far from the canvas"),  # read, it would crash the PSD writer's 32-bit fields later
     ]
     for i, (xml, files, match) in enumerate(cases):
         path = tmp_path / f"e{i}.ora"

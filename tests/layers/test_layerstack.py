@@ -45,6 +45,16 @@ def test_move_and_reorder():
         s.reorder("a", 3)
 
 
+def test_offsets_no_format_could_store_are_refused():
+    s = make_stack()
+    s.move("a", -(2**24), 2**24)
+    assert s["a"].x == -(2**24)
+    with pytest.raises(LayerError, match="too far from the canvas"):
+        s.move("a", 2**24 + 1, 0)
+    with pytest.raises(LayerError, match="too far from the canvas"):
+        Layer(solid(2, 2, (0, 0, 0, 255)), y=-(2**31))
+
+
 def test_duplicate_is_deep_and_placed_above():
     s = make_stack()
     dup = s.duplicate("a")

@@ -234,6 +234,36 @@ def test_export_writes_valid_glb_pngs_gif_and_triplanes(pipe, tmp_path):
     assert trimesh.load(obj["layers"][0]["mesh"], force="mesh").vertices.shape[0] > 0
 
 
+def test_export_replaces_its_folder_whole_or_not_at_all(pipe, tmp_path, monkeypatch):
+    """A smaller run into an earlier human's folder leaves none of the earlier files; a failed one leaves the
+    earlier human as it was; a folder holding anything else is refused, not replaced."""
+    folder = tmp_path / "human"
+    export_human(pipe, run(pipe, layers=("body", "pants")), folder, num_views=2, size=8, mesh_resolution=16,
+                 progress=False)
+    assert (folder / "1_pants.glb").is_file() and (folder / "0_body" / "view_01.png").is_file()
+    export_human(pipe, run(pipe, layers=("body",)), folder, num_views=1, size=8, mesh_resolution=16, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["0_body", "0_body.gif", "0_body.glb", "summary.json",
+                                                        "triplanes.safetensors"]
+    assert sorted(p.name for p in (folder / "0_body").iterdir()) == ["view_00.png"]
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipe, "extract_mesh", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_human(pipe, run(pipe, layers=("body", "pants")), folder, num_views=2, size=8, mesh_resolution=16,
+                     progress=False)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["human"]  # no temporary folder left beside it
+    monkeypatch.undo()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(LayergenError, match="also holds notes.txt"):
+        export_human(pipe, run(pipe, layers=("body",)), folder, num_views=1, size=8, mesh_resolution=16,
+                     progress=False)
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
 def test_roundtrip_generate_human_and_cli(pipe, tmp_path, capsys):
     model = tmp_path / "model"
     pipe.save_pretrained(model)
@@ -263,7 +293,8 @@ def test_roundtrip_generate_human_and_cli(pipe, tmp_path, capsys):
 
     capsys.readouterr()
     for argv in (["--layers", "pants,body"], ["--layers", "body,cape"], ["--model", str(tmp_path / "nope")],
-                 ["--body", str(tmp_path / "cli" / "summary.json")], ["--steps", "0"], ["--size", "3000"]):
+                 ["--body", str(tmp_path / "cli" / "summary.json")], ["--steps", "0"], ["--size", "3000"],
+                 ["--views", "361"], ["--mesh-resolution", "100000"]):
         rc = cli_main(["human", "--model", str(model), "-o", str(tmp_path / "bad"), *argv])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("layergen: error:") and err.count("\n") == 1, (argv, err)
@@ -326,7 +357,7 @@ def test_any_scheduler_and_bad_arguments(pipe):
         pipe(layers=("body",), body_triplane=torch.full(pipe.plane_shape, float("nan")))
     with pytest.raises(LayergenError, match="layer 5 is out of range for a human of 1 layers"):
         pipe.render_views(out, layer=5)
-    with pytest.raises(LayergenError, match="num_views must be a positive integer"):
+    with pytest.raises(LayergenError, match=r"num_views must be an integer in \[1, 360\]"):
         pipe.render_views(out, num_views=0)
     with pytest.raises(LayergenError, match="size must be an integer"):
         pipe.render_views(out, size=0)

@@ -56,6 +56,8 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     except Image.DecompressionBombError:  # Pillow's own guard, below ours, trips first for very large images
         raise FormatError(f"{where}: image is larger than layergen reads (over "
                           f"{2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels)") from None
+    except Image.UnidentifiedImageError:  # its message names an internal BytesIO object, not the file
+        raise FormatError(f"{where}: cannot decode image (not an image file, or damaged)") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         # Pillow reports corrupt/truncated data as OSError ("image file is truncated"), SyntaxError or ValueError.
         raise FormatError(f"{where}: cannot decode image ({exc})") from exc
