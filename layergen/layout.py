@@ -49,7 +49,7 @@ class LayoutError(LayergenError, ValueError):
     """A layout (box list, layout.json, --box string) is invalid; the message says how."""
 
 
-def _int(value, what: str) -> int:
+def _int(value, what: str, unit: str = " of pixels") -> int:
     """Python/numpy integers, or floats holding a whole number -> int; anything else is an error."""
     if not isinstance(value, bool):
         try:
@@ -59,8 +59,8 @@ def _int(value, what: str) -> int:
         if isinstance(value, (float, np.floating)) and float(value).is_integer():
             return int(value)
         if isinstance(value, (float, np.floating)) and value == value:
-            raise LayoutError(f"{what} must be a whole number of pixels, got {value!r}")
-    raise LayoutError(f"{what} must be an integer number of pixels, got {value!r}")
+            raise LayoutError(f"{what} must be a whole number{unit}, got {value!r}")
+    raise LayoutError(f"{what} must be an integer number{unit}, got {value!r}")
 
 
 def _text(value, what: str) -> str | None:
@@ -92,7 +92,7 @@ class Box:
         self.prompt = _text(self.prompt, "box prompt")
         self.name = _text(self.name, "box name")
         if self.seed is not None:
-            self.seed = _int(self.seed, "box seed")
+            self.seed = _int(self.seed, "box seed", unit="")
             if not 0 <= self.seed <= MAX_SEED:
                 raise LayoutError(f"box seed must be in [0, {MAX_SEED}], got {self.seed}")
 

@@ -94,6 +94,8 @@ def test_clear_errors(model, tmp_path, capsys, monkeypatch):
         assert main(["action", "learn", "ex", "--name", "jump", "--model", str(model), *argv]) == 2
         captured = capsys.readouterr()
         assert fragment in captured.err and "usage" not in captured.err + captured.out
+    assert main(["action", "learn", "ex", "--name", "jump", "-o", "jump.txt", "--model", str(model)]) == 2
+    assert "ends in .safetensors" in capsys.readouterr().err and not (tmp_path / "jump.txt").exists()
     assert main(["action", "generate", "a cat", "--steps", "0", "--model", str(model)]) == 2
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
     assert main(["action", "generate", " ", "--model", str(model)]) == 2

@@ -164,6 +164,8 @@ def run_learn(args) -> int:
     module = training_script()
     name = args.name.strip().strip("<>")
     output = args.output or f"{name}.safetensors"
+    if Path(output).suffix.lower() != ".safetensors":
+        raise LayergenError(f"-o {output}: an identifier file ends in .safetensors")
     check_writable(output)
     with tempfile.TemporaryDirectory(prefix="layergen-action-") as tmp:
         argv = ["--exemplars", args.exemplars, "--name", name, "--output", output,

@@ -241,6 +241,10 @@ class DatasetBuilder:
 
             state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
         sources = list_sources(self.src)
+        if not sources:  # before anything is written: an empty dataset folder helps nobody
+            raise LayergenError(f"{self.src}: no PSD, ORA, PNG-stack or image files in it")
+        if self.dst.exists() and not self.dst.is_dir():
+            raise LayergenError(f"{self.dst}: exists and is not a folder; the dataset is written into a folder")
         written = 0
         with state.split_between_processes(sources) as mine:
             bar = tqdm(mine, desc="dataset build", unit="file", disable=not progress or not state.is_main_process)

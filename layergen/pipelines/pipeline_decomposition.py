@@ -93,9 +93,10 @@ def load_image(image) -> np.ndarray:
             raise LayergenError(f"image is {image.width}x{image.height}; the limit is {MAX_PIXELS // 1_000_000} "
                                 "megapixels — downscale it first")
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit samples (Pillow opens 16-bit PNG greys as I;16 or I): full scale is 65535 whatever the
+            # content, or a dark 16-bit image would be read 257 times too bright; wider 32-bit ints by their max
             arr = np.asarray(image, np.float64)
-            arr = arr / (65535.0 if arr.max() > 255 else 255.0)
-            image = np.clip(arr, 0, 1)
+            image = np.clip(arr / max(65535.0, float(arr.max())), 0, 1)
         elif image.mode == "F":
             image = np.asarray(image, np.float32)
         elif image.mode == "P":

@@ -119,6 +119,12 @@ def test_bad_arguments_exit_2(src, tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert build(src, src / "out") == 2
     assert "must not be inside the source" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert build(tmp_path / "empty", tmp_path / "out") == 2
+    assert "no PSD, ORA, PNG-stack or image files" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("x")
+    assert build(src, tmp_path / "afile") == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"
     assert cli.main(["dataset"]) == 2
 
 

@@ -122,6 +122,8 @@ def test_input_handling():
     rgba = np.zeros((20, 30, 4), np.uint8)
     assert np.allclose(load_image(rgba), 1.0)  # transparent -> flattened over white
     assert np.allclose(load_image(Image.fromarray(img16).convert("I;16")), load_image(img))
+    dark16 = Image.fromarray(np.where(img > 0, 255, 0).astype(np.uint16)).convert("I;16")  # 16-bit, all < 256
+    assert abs(load_image(dark16).max() - 1 / 255) < 1e-6  # 255 of 65535 is 1 of 255, not read 257x too bright
     for bad, msg in [(np.zeros((0, 0, 3), np.uint8), "empty"), (np.zeros((1, 1, 3), np.uint8), "at least 8x8"),
                      (np.full((10, 10, 3), 2.0), r"\[0, 1\]"), (np.zeros((10, 10, 5), np.uint8), "H x W"),
                      (np.zeros((10, 10, 3), np.int64), "pixel type"), ("/no/such/file.png", "no such image")]:
