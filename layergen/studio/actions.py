@@ -42,7 +42,7 @@ class ActionBackend:
     change per call). Files go to scratch folders that are pruned after `keep_seconds`.
     """
 
-    def __init__(self, model_path=None, num_inference_steps: int = 20, keep_seconds: float = 1800.0):
+    def __init__(self, model_path=None, num_inference_steps: int = 20, keep_seconds: float = 4 * 3600.0):
         self.model_path = model_path
         self.num_inference_steps = num_inference_steps
         self.scratch = ScratchDir("layergen-studio-actions-", keep_seconds)
@@ -143,6 +143,10 @@ class ActionBackend:
             have = ", ".join(sorted(identifiers)) if identifiers else "none yet"
             raise LayerError(f"the prompt names {', '.join(missing)}, which is not learned or loaded (have: {have}); "
                              "learn it or load its identifier file first")
+        gone = [t for t in tokens if not Path(identifiers[t]).is_file()]
+        if gone:  # scratch files are pruned after `keep_seconds`
+            raise LayerError(f"the identifier file of {', '.join(gone)} is no longer here (kept for "
+                             f"{self.scratch.keep_seconds / 3600:g} h); load it again from the file you downloaded")
         with self._lock:
             pipe = self.pipeline()
             if pipe.action_identifiers:

@@ -91,6 +91,8 @@ def test_bad_input_is_a_clear_error(backend, exemplars, jump, tmp_path):
         backend.learn([exemplars[1], twin / exemplars[1].name], "jump", steps=STEPS)
     with pytest.raises(LayerError, match=r"names <kick>, which is not learned.*have: <jump>"):
         backend.generate("a cat <kick>", {"<jump>": str(jump)}, 1)
+    with pytest.raises(LayerError, match="identifier file of <gone> is no longer here"):
+        backend.generate("a cat <gone>", {"<gone>": str(tmp_path / "pruned.safetensors")}, 1)
     with pytest.raises(LayerError, match="write a prompt"):
         backend.generate("   ", {}, 1)
     with pytest.raises(LayerError, match="number of images"):
