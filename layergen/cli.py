@@ -41,6 +41,13 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    import warnings
+
+    from PIL import Image
+
+    # every reader checks the size itself, with a message naming its own limit: Pillow's two-line warning for
+    # images over 89 megapixels would only repeat it
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
         return int(args.func(args) or 0)
     except LayergenError as exc:

@@ -84,7 +84,10 @@ def load_image(image) -> np.ndarray:
                                             f"{MAX_PIXELS // 1_000_000} megapixels — downscale it first")
                     im.load()
                     image = im.copy()
-            except (OSError, Image.DecompressionBombError) as exc:
+            except Image.DecompressionBombError:  # Pillow's guard (178 MP) trips before ours can read the size
+                raise LayergenError(f"{path} is larger than {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels; the "
+                                    f"limit is {MAX_PIXELS // 1_000_000} megapixels — downscale it first") from None
+            except OSError as exc:
                 raise LayergenError(f"{path}: cannot read image ({exc})") from None
     if isinstance(image, LayerStack):
         image = image.composite()

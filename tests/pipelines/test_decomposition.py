@@ -113,6 +113,15 @@ def test_real_photo_is_decomposed_into_a_subject_and_background(pipe):
     assert len(out2.stack) == 2 and out2.psnr > 40
 
 
+def test_a_file_over_pillows_own_limit_names_ours(tmp_path, monkeypatch):
+    """Pillow refuses files over 2 x MAX_IMAGE_PIXELS before we can read their size: say our limit, not its text."""
+    Image.new("L", (60, 60)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(LayergenError, match="the limit is 16 megapixels — downscale it first") as exc:
+        load_image(tmp_path / "big.png")
+    assert "DOS" not in str(exc.value)
+
+
 def test_input_handling():
     img = np.zeros((20, 30), np.uint8)
     img[5:15, 10:20] = 200
