@@ -209,6 +209,7 @@ def test_bad_seeds_paths_boxes_and_ignored_flags_fail_before_the_model_loads(tmp
                  "--seed must be in [0, 9223372036854775807]", "later images")
     assert_error(capsys, generate(work, PROMPT, "-o", out, "--seed", str(2**63 - 60), "--box", "0,0,8,8"), "--seed")
     assert_error(capsys, generate(work, PROMPT, "--layout", layout, "-o", out), "box seed must be in [0, ")
+    assert_error(capsys, generate(work, PROMPT, "--layout", work, "-o", out), "is a folder; pass a layout.json")
     assert_error(capsys, generate(work, PROMPT, "-o", work / "file.txt" / "o.png"),
                  str(work / "file.txt" / "o.png"), "is a file, not a folder")
     assert_error(capsys, generate(work, PROMPT, "--fg", fg, "--no-background", "-o", out),

@@ -274,6 +274,8 @@ def read_layout(args, prompt: str, width, height):
         if width and height:  # the canvas is known: check the boxes now, not after the model load
             Layout(width, height, boxes, prompt, bg)
         return {"boxes": boxes, "background": bg}
+    if Path(args.layout).is_dir():
+        raise _error(f"--layout {args.layout}: is a folder; pass a layout.json file")
     if not Path(args.layout).is_file():
         raise _error(f"--layout {args.layout}: no such file")
     layout = load_layout(args.layout)
