@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..seeds import seed_arg
 
@@ -54,9 +53,7 @@ def run(args) -> int:
             raise LayergenError(f"{name} must be at least {lo}, got {value}")
         if hi is not None and value > hi:
             raise LayergenError(f"{name} must be at most {hi}, got {value}")
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise LayergenError(f"-o {args.output}: exists and is not a folder; the human is written into a folder")
-    check_human_folder(args.output)
+    check_human_folder(args.output)  # an output that is a file, or a folder of other files: before sampling
     files = generate_human(layers=args.layers, seed=args.seed, output_dir=args.output, model_path=args.model,
                            num_inference_steps=args.steps, num_views=args.views, size=args.size,
                            mesh_resolution=args.mesh_resolution, mesh_format=args.mesh_format, body=args.body,

@@ -116,8 +116,7 @@ class ActionBackend:
         args = module.parse_args(argv)
         with self._lock:
             pipe = self.pipeline()
-            if pipe.action_identifiers:
-                pipe.unload_action_identifier()
+            pipe.unload_action_identifier()  # all of them; nothing happens when none is loaded
             try:
                 module.train(args, pipe=pipe, show_progress=progress)
             except LayergenError as exc:
@@ -149,8 +148,7 @@ class ActionBackend:
                              f"{self.scratch.keep_seconds / 3600:g} h); load it again from the file you downloaded")
         with self._lock:
             pipe = self.pipeline()
-            if pipe.action_identifiers:
-                pipe.unload_action_identifier()
+            pipe.unload_action_identifier()
             for t in tokens:
                 pipe.load_action_identifier(identifiers[t])
             pipe.set_progress_bar_config(disable=not progress)
@@ -158,8 +156,7 @@ class ActionBackend:
                 out = pipe(prompt, num_images_per_prompt=int(num_images), seed=int(seed),
                            num_inference_steps=self.num_inference_steps, output_type="np").images
             finally:
-                if pipe.action_identifiers:
-                    pipe.unload_action_identifier()
+                pipe.unload_action_identifier()
         return [np.ascontiguousarray(im) for im in out]  # uint8 RGB
 
     def read_identifier(self, path) -> str:
@@ -169,8 +166,7 @@ class ActionBackend:
             try:
                 return pipe.load_action_identifier(path).token
             finally:
-                if pipe.action_identifiers:
-                    pipe.unload_action_identifier()
+                pipe.unload_action_identifier()
 
 
 def image_layer(image: np.ndarray, prompt: str):
@@ -179,9 +175,6 @@ def image_layer(image: np.ndarray, prompt: str):
 
     rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=-1)
     return Layer(rgba, name=(prompt.strip() or "action image")[:60])
-
-
-ADDED_MARK = "Added"
 
 
 def action_tab(backend: ActionBackend | None = None):
@@ -257,11 +250,12 @@ def action_tab(backend: ActionBackend | None = None):
         @_user_errors
         def learn(file_list, name_value, steps_value, shared_place, place_files, idents,
                   progress=gr.Progress(track_tqdm=True)):
-            progress(0, desc=f"Learning <{_name(name_value)}>")
+            token = f"<{_name(name_value)}>"
+            progress(0, desc=f"Learning {token}")
             path = backend.learn(file_list, name_value, int(steps_value), bool(shared_place), place_files,
                                  progress=True)
-            idents = {**(idents or {}), f"<{_name(name_value)}>": str(path)}
-            return idents, str(path), f"Learned `<{_name(name_value)}>` in {int(steps_value)} steps. " + listing(idents)
+            idents = {**(idents or {}), token: str(path)}
+            return idents, str(path), f"Learned `{token}` in {int(steps_value)} steps. " + listing(idents)
 
         @_user_errors
         def load(file_list, idents):
@@ -280,25 +274,16 @@ def action_tab(backend: ActionBackend | None = None):
         def pick_image(evt: gr.SelectData):
             return int(evt.index) + 1
 
-        def add_image(doc, shown, k):
+        def picked_image(shown, k):
             if not shown:
                 raise LayerError("generate images first")
             text, images = shown
             k = int(k or 1)
             if not 1 <= k <= len(images):
                 raise LayerError(f"pick an image from 1 to {len(images)}, got {k}")
-            layer = image_layer(images[k - 1], text)
-            h, w = layer.pixels.shape[:2]
-            layer.x, layer.y = (doc.width - w) // 2, (doc.height - h) // 2  # centred on the canvas
-            doc.add_layer(layer, label="Add action image")
+            return image_layer(images[k - 1], text)
 
-        add_to_doc = ctx.action(add_image)
-
-        def add_and_say(doc, shown, k, text):
-            """Say it here too: the Layers tab's status line is not on screen."""
-            panel = add_to_doc(doc, shown, k)
-            said = (text or "").split("\n\n" + ADDED_MARK)[0].rstrip()
-            return (*panel, f"{said}\n\n{ADDED_MARK} image {int(k or 1)} as a new layer (Layers tab).")
+        add_and_say = ctx.adds_layer(picked_image, "Add action image", lambda shown, k: f"image {int(k or 1)}")
 
         example_btn.click(make_examples, [example, example_place], [files, name], api_name="make_action_exemplars")
         learn_btn.click(learn, [files, name, steps, one_place, places, identifiers],

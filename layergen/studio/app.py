@@ -258,6 +258,30 @@ class StudioContext:
 
         return handler
 
+    def adds_layer(self, make_layer: Callable, label: str, what: Callable) -> Callable:
+        """A handler `(doc, a, b, text) -> (doc, *panel, text)` for another tab's "add to the document" button.
+
+        `make_layer(a, b)` goes into the document centred on the canvas (one undoable edit, `label`). The user is
+        on that tab, not on the Layers tab whose status line says what changed, so the tab's own status `text`
+        gets one "Added `what(a, b)` ..." line too, replacing the one an earlier click left."""
+
+        def add(doc, a, b):
+            layer = make_layer(a, b)
+            layer.x, layer.y = (doc.width - layer.width) // 2, (doc.height - layer.height) // 2
+            doc.add_layer(layer, label=label)
+
+        add_to_doc = self.action(add)
+
+        def handler(doc, a, b, text):
+            panel = add_to_doc(doc, a, b)
+            said = (text or "").split("\n\n" + ADDED_MARK)[0].rstrip()
+            return (*panel, f"{said}\n\n{ADDED_MARK} {what(a, b)} as a new layer (Layers tab).")
+
+        return handler
+
+
+ADDED_MARK = "Added"  # starts the line `StudioContext.adds_layer` puts under another tab's status
+
 
 def render_panel(doc: Document) -> tuple:
     """Values for: preview, gallery, layer select, name, visible, opacity, blend, x, y, scale, info, status,

@@ -84,9 +84,6 @@ def front_view_layer(files: dict, layer: str):
     return Layer(pixels, name=f"human {layer} (front)")
 
 
-ADDED_MARK = "Added"
-
-
 def human_tab(backend: HumanBackend | None = None):
     """`(title, builder)` for `build_app(extra_tabs=...)`."""
     backend = backend or HumanBackend()
@@ -151,27 +148,16 @@ def human_tab(backend: HumanBackend | None = None):
             except LayerError as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
 
-        def add_front(doc, files, layer):
+        def front_view(files, layer):
             if not layer:
                 raise LayerError("generate a human and pick a layer first")
-            view = front_view_layer(files, layer)
-            h, w = view.pixels.shape[:2]
-            view.x, view.y = (doc.width - w) // 2, (doc.height - h) // 2  # centred on the canvas
-            doc.add_layer(view, label="Add 3D human view")
+            return front_view_layer(files, layer)
 
         button.click(generate, [layers, seed], [files_state, shown, model3d, turntable, summary],
                      api_name="generate_human", concurrency_id="model", concurrency_limit=1,
                      show_progress_on=[summary])  # progress and error badges there, not over the 3D view
         shown.input(on_show, [files_state, shown], [model3d, turntable], api_name="show_human_layer")
-        add_to_doc = ctx.action(add_front)
-
-        def add_and_say(doc, files, layer, text):
-            """The user is on this tab, not on the Layers tab whose status line says what changed: say it here
-            too (progress and error badges likewise)."""
-            panel = add_to_doc(doc, files, layer)
-            said = (text or "").split("\n\n" + ADDED_MARK)[0].rstrip()
-            return (*panel, f"{said}\n\n{ADDED_MARK} the {layer} front view as a new layer (Layers tab).")
-
+        add_and_say = ctx.adds_layer(front_view, "Add 3D human view", lambda files, layer: f"the {layer} front view")
         add_btn.click(add_and_say, [ctx.doc, files_state, shown, summary], [*ctx.outputs, summary],
                       show_progress_on=[summary], api_name="add_human_view")
 
